@@ -1,0 +1,38 @@
+"""Attention dispatch: one entry point, implementations chosen by the config key `attention_impl`.
+
+Model code calls `attention(...)` with metadata; whether the mask is materialised (reference) or evaluated
+per tile by the Pallas kernel is decided here, so models never import a kernel directly.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from bagel_jax.kernels import mask as mask_lib
+from bagel_jax.kernels.reference import reference_attention
+
+_IMPLS: Dict[str, Callable] = {"reference": reference_attention}
+
+
+def register(name: str, fn: Callable) -> None:
+  """Registers an attention implementation with the signature of `reference_attention`."""
+  _IMPLS[name] = fn
+
+
+def _lazy_register(name: str) -> None:
+  # The Pallas implementations register themselves on import; importing lazily keeps the reference path
+  # free of Pallas/Mosaic imports.
+  if name in ("pallas", "pallas_interpret"):
+    try:
+      import bagel_jax.kernels.ops  # noqa: F401  pylint: disable=import-outside-toplevel
+    except ImportError as e:  # pragma: no cover - only before the kernel exists
+      raise ValueError(f"attention_impl={name!r} is unavailable: {e}") from e
+
+
+def attention(q, k, v, q_meta: mask_lib.TokenMeta, kv_meta: mask_lib.TokenMeta, *, impl: str = "reference",
+              scale=None):
+  """q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D]; metadata [B, L*] each. Returns [B, Lq, Hq, D]."""
+  if impl not in _IMPLS:
+    _lazy_register(impl)
+  if impl not in _IMPLS:
+    raise ValueError(f"unknown attention_impl {impl!r}; available: {sorted(_IMPLS)}")
+  return _IMPLS[impl](q, k, v, q_meta, kv_meta, scale=scale)

@@ -1,0 +1,10 @@
+"""Test session set-up: CPU only, deterministic, fp32 matmuls."""
+import os
+
+# Set before jax is imported anywhere. AOT tests that need libtpu run in a subprocess with their own env.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")

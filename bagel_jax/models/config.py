@@ -243,3 +243,37 @@ def get_preset(name: str, variant: str = "mot", **kw) -> BagelConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
   return PRESETS[name](variant, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Serialisation (checkpoints store the model config beside the weights).
+# ----------------------------------------------------------------------------------------------------------
+
+def to_dict(config: BagelConfig) -> dict:
+  return dataclasses.asdict(config)
+
+
+def from_dict(d: dict) -> BagelConfig:
+  """Inverse of `to_dict`; unknown keys raise so a config from another version is not silently misread."""
+  def build(cls, values):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+      raise ValueError(f"{cls.__name__}: unknown config keys {unknown}")
+    return values
+  d = dict(d)
+  llm = LLMConfig(**build(LLMConfig, d.pop("llm")))
+  vit = ViTConfig(**build(ViTConfig, d.pop("vit")))
+  vae_d = dict(build(VAEConfig, d.pop("vae")))
+  vae_d["ch_mult"] = tuple(vae_d.get("ch_mult", VAEConfig.ch_mult))
+  vae = VAEConfig(**vae_d)
+  return BagelConfig(llm=llm, vit=vit, vae=vae, **build(BagelConfig, d))
+
+
+def architecture(config: BagelConfig) -> dict:
+  """The fields that determine the parameter tree (implementation knobs dropped, except scan_layers which
+  changes the tree's layout)."""
+  d = to_dict(config)
+  for k in ("dtype", "attention_impl", "remat_policy", "routing", "ce_chunk_size", "freeze_und"):
+    d.pop(k)
+  return d

@@ -39,5 +39,7 @@ setup(
         # TensorBoard event files through CLU's writer (needs TensorFlow).
         "tb": ["tensorflow-cpu>=2.16"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "bagel-train = bagel_jax.train.cli:main",
+    ]},
 )

@@ -64,9 +64,9 @@ class TimestepEmbedder(nn.Module):
   @nn.compact
   def __call__(self, t):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layers.Linear((self.freq_dim,), (self.hidden,), ("freq",), ("embed",), name="mlp_0", **kw)(
+    h = layers.Linear((self.freq_dim,), (self.hidden,), ("freq",), ("mlp",), name="mlp_0", **kw)(
         timestep_embedding(t, self.freq_dim))
-    return layers.Linear((self.hidden,), (self.hidden,), ("embed",), ("embed",), name="mlp_2", **kw)(
+    return layers.Linear((self.hidden,), (self.hidden,), ("mlp",), ("embed",), name="mlp_2", **kw)(
         jax.nn.silu(h))
 
 
@@ -80,8 +80,8 @@ class Connector(nn.Module):
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layers.Linear((self.in_dim,), (self.hidden,), ("vit_embed",), ("embed",), name="fc1", **kw)(x)
-    return layers.Linear((self.hidden,), (self.hidden,), ("embed",), ("embed",), name="fc2", **kw)(
+    h = layers.Linear((self.in_dim,), (self.hidden,), ("vit_embed",), ("mlp",), name="fc1", **kw)(x)
+    return layers.Linear((self.hidden,), (self.hidden,), ("mlp",), ("embed",), name="fc2", **kw)(
         layers.gelu_tanh(h))
 
 
@@ -276,12 +276,16 @@ def normalize_losses(sums: Dict[str, jnp.ndarray], ce_weight: float, mse_weight:
 
 
 def loss_fn(params: Params, batch, rng, config: BagelConfig, *, timestep_shift: float = 1.0,
-            ce_weight: float = 0.25, mse_weight: float = 1.0):
-  """Scalar training loss and metrics (CE:MSE defaults to the paper's 0.25:1)."""
+            ce_weight: float = 0.25, mse_weight: float = 1.0, counts=None):
+  """Scalar training loss and metrics (CE:MSE defaults to the paper's 0.25:1).
+
+  `counts` = (CE weight total, noisy-token total) of the whole global batch; give them when `batch` is one
+  micro-batch of several so the accumulated gradient equals the full-batch gradient (official reduction)."""
   sums = Bagel(config).apply({"params": params}, batch, rng, timestep_shift)
-  n_layers = config.llm.num_layers
   if "router_aux_loss" in sums:
-    sums = dict(sums, router_aux_loss=sums["router_aux_loss"] / n_layers)
+    sums = dict(sums, router_aux_loss=sums["router_aux_loss"] / config.llm.num_layers)
+  if counts is not None:
+    sums = dict(sums, ce_count=counts[0], mse_count=counts[1])
   out = normalize_losses(sums, ce_weight, mse_weight, config.llm.router_aux_loss_weight)
   metrics = dict(sums, **out)
   return out["loss"], metrics

@@ -1,0 +1,194 @@
+"""Metric writers, progress reporting and loss-curve plots.
+
+`clu.metric_writers` imports TensorFlow at import time (guide A6), so the always-on writers here implement
+CLU's `MetricWriter` interface (write_scalars / write_images / write_texts / write_hparams / flush / close)
+without it: JSON lines plus a wide CSV. CLU's TensorBoard `SummaryWriter` joins when TensorFlow is installed
+(`pip install -e '.[tb]'`). Only process 0 writes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class JsonlCsvWriter:
+  """metrics.jsonl (one object per write) and metrics.csv (one row per step, columns grow as keys appear)."""
+
+  def __init__(self, workdir: str, name: str = "metrics"):
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl_path = os.path.join(workdir, f"{name}.jsonl")
+    self.csv_path = os.path.join(workdir, f"{name}.csv")
+    self._columns: List[str] = []
+    self._rows: List[Dict[str, float]] = []
+    if os.path.exists(self.jsonl_path):  # resumed run: keep history, drop steps that will be re-done
+      self._rows = read_jsonl(self.jsonl_path)
+      for r in self._rows:
+        self._add_columns(r)
+
+  def _add_columns(self, row):
+    new = [k for k in row if k not in self._columns]
+    self._columns += new
+    return bool(new)
+
+  def truncate_after(self, step: int):
+    """Drops rows logged after `step` (a resumed run repeats them)."""
+    self._rows = [r for r in self._rows if r.get("step", 0) <= step]
+    with open(self.jsonl_path, "w") as f:
+      for r in self._rows:
+        f.write(json.dumps(r) + "\n")
+    self._rewrite_csv()
+
+  def _rewrite_csv(self):
+    with open(self.csv_path, "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=self._columns)
+      w.writeheader()
+      for r in self._rows:
+        w.writerow(r)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]):
+    row = {"step": int(step)}
+    row.update({k: float(v) for k, v in scalars.items()})
+    self._rows.append(row)
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._add_columns(row) or not os.path.exists(self.csv_path):
+      self._rewrite_csv()
+    else:
+      with open(self.csv_path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=self._columns).writerow(row)
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    for k, img in images.items():
+      arr = np.asarray(img)
+      if arr.ndim == 4:
+        arr = arr[0]
+      if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0, 1) * 255).astype(np.uint8)
+      Image.fromarray(arr).save(os.path.join(os.path.dirname(self.jsonl_path), f"{k}_{step:07d}.png"))
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    with open(os.path.join(os.path.dirname(self.jsonl_path), "texts.jsonl"), "a") as f:
+      f.write(json.dumps({"step": int(step), **texts}) + "\n")
+
+  def write_hparams(self, hparams: Mapping[str, object]):
+    with open(os.path.join(os.path.dirname(self.jsonl_path), "hparams.json"), "w") as f:
+      json.dump(dict(hparams), f, indent=1, default=str)
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+class MultiWriter:
+  def __init__(self, writers: Sequence):
+    self.writers = list(writers)
+
+  def __getattr__(self, name):
+    def call(*a, **kw):
+      for w in self.writers:
+        getattr(w, name)(*a, **kw)
+    return call
+
+
+class NullWriter:
+  def __getattr__(self, name):
+    return lambda *a, **kw: None
+
+
+def create_writer(workdir: str, process_index: int = 0, tensorboard: bool = True):
+  """JSONL/CSV always; CLU's TensorBoard writer if TensorFlow is importable; nothing on processes > 0."""
+  if process_index > 0:
+    return NullWriter()
+  writers = [JsonlCsvWriter(workdir)]
+  if tensorboard:
+    try:
+      from clu.metric_writers import SummaryWriter  # pylint: disable=import-outside-toplevel
+      writers.append(SummaryWriter(os.path.join(workdir, "tensorboard")))
+    except ImportError:
+      log.info("TensorFlow not installed: TensorBoard events disabled (metrics.jsonl/csv are written)")
+  return MultiWriter(writers)
+
+
+def read_jsonl(path: str) -> List[Dict[str, float]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+  """One log line per report with throughput and ETA; a carriage-return bar in between on a terminal."""
+
+  def __init__(self, total_steps: int, start_step: int = 0, stream=None):
+    self.total = total_steps
+    self.start_step = start_step
+    self.t0 = time.time()
+    self.stream = stream or sys.stdout
+    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+  def eta(self, step: int) -> float:
+    done = step - self.start_step
+    if done <= 0:
+      return float("nan")
+    return (time.time() - self.t0) / done * (self.total - step)
+
+  def tick(self, step: int):
+    if self.tty:
+      frac = step / max(self.total, 1)
+      bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+      self.stream.write(f"\r[{bar}] {step}/{self.total} eta {_fmt(self.eta(step))}")
+      self.stream.flush()
+
+  def report(self, step: int, metrics: Mapping[str, float], keys: Sequence[str]):
+    parts = [f"step {step}/{self.total}"]
+    for k in keys:
+      if k in metrics:
+        v = metrics[k]
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    parts.append(f"eta {_fmt(self.eta(step))}")
+    self.stream.write(("\r" if self.tty else "") + "  ".join(parts) + "\n")
+    self.stream.flush()
+
+
+def _fmt(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def plot_curves(jsonl_path: str, out_png: str, keys: Sequence[str] = ("loss", "ce", "mse"),
+                title: Optional[str] = None) -> str:
+  """Loss curves (one panel per key) from metrics.jsonl."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  rows = read_jsonl(jsonl_path)
+  keys = [k for k in keys if any(k in r for r in rows)]
+  fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.2 * max(1, len(keys)), 3.2), squeeze=False)
+  for ax, k in zip(axes[0], keys):
+    pts = [(r["step"], r[k]) for r in rows if k in r and math.isfinite(r[k])]
+    if pts:
+      x, y = zip(*pts)
+      ax.plot(x, y, lw=1.2)
+    ax.set_title(k)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=110)
+  plt.close(fig)
+  return out_png

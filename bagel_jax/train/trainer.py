@@ -1,0 +1,399 @@
+"""The training loop: one function from an experiment config to a trained, checkpointed run.
+
+Order of business (big_vision's train.py layout): validate config -> mesh and rules -> input -> abstract state
+and shardings -> sharded init or restore -> jitted step -> loop (metrics, checkpoints, preemption, NaN stop)
+-> curves. The step is compiled with explicit in/out shardings (pjit) under `jax.set_mesh` and the logical
+axis rules, so the same code runs on one CPU and on a multi-slice pod.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bagel_jax import batch as batch_lib
+from bagel_jax import checkpoint as ckpt_lib
+from bagel_jax.models import bagel as bagel_lib
+from bagel_jax.models import config as config_lib
+from bagel_jax.models.flux_vae import init_vae_params
+from bagel_jax.parallel import mesh as mesh_lib
+from bagel_jax.parallel import rules as rules_lib
+from bagel_jax.train import checkpointing, flops as flops_lib, inputs, metrics as metrics_lib
+from bagel_jax.train import optimizer as opt_lib
+from bagel_jax.train.step import TrainState, init_state, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN/Inf; the run stops and the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config -> model config, batch spec; validation.
+# ----------------------------------------------------------------------------------------------------------
+
+def build_model_config(config) -> config_lib.BagelConfig:
+  m = config.model
+  kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl,
+            remat_policy=m.remat_policy, scan_layers=m.scan_layers, routing=m.routing,
+            ce_chunk_size=m.ce_chunk_size, freeze_und=m.freeze_und)
+  cfg = config_lib.get_preset(m.preset, m.variant, **kw)
+  if m.get("max_latent_size", 0):
+    cfg = cfg.replace(max_latent_size=int(m.max_latent_size))
+  for key, value in dict(m.get("llm_overrides", {}) or {}).items():
+    cfg = cfg.replace_llm(**{key: value})
+  return cfg
+
+
+def build_batch_spec(config, model_cfg: config_lib.BagelConfig, batch_size: Optional[int] = None):
+  b = config.batch
+  try:
+    return batch_lib.BatchSpec(
+        batch_size=int(batch_size or b.batch_size), seq_len=int(b.seq_len), vit_capacity=int(b.vit_capacity),
+        latent_capacity=int(b.latent_capacity), image_capacity=int(b.image_capacity),
+        vit_patch_dim=model_cfg.vit.patch_dim, latent_dim=model_cfg.latent_channels,
+        und_capacity=int(b.und_capacity) or None, ce_capacity=int(b.ce_capacity) or None,
+        vae_image_capacity=int(b.vae_image_capacity), vae_image_size=int(b.vae_image_size),
+        latent_downsample=model_cfg.latent_downsample)
+  except ValueError as e:
+    raise ValueError(f"config.batch: {e}".replace("BatchSpec.", "config.batch.")) from e
+
+
+def check_schema(config, reference, prefix: str = "config") -> None:
+  """Unknown keys and wrong types against the base config (what `lock_config` enforces on the CLI)."""
+  for key in config.keys():
+    name = f"{prefix}.{key}"
+    if key not in reference:
+      raise ValueError(f"{name}: unknown config key (known: {sorted(reference.keys())})")
+    got, want = config[key], reference[key]
+    if isinstance(want, ml_collections.ConfigDict):
+      if not isinstance(got, (ml_collections.ConfigDict, dict)):
+        raise ValueError(f"{name}: expected a config dict, got {type(got).__name__}")
+      if prefix == "config" and key in ("data",):
+        continue  # the data config is owned by the data source
+      if key in ("ici", "dcn", "llm_overrides"):
+        continue  # free-form maps, checked where used
+      check_schema(got, want, name)
+    elif want is not None and not isinstance(got, type(want)) and not (
+        isinstance(want, float) and isinstance(got, int) and not isinstance(got, bool)):
+      raise ValueError(f"{name}={got!r}: expected {type(want).__name__}, got {type(got).__name__}")
+
+
+def validate_config(config, n_devices: int, process_count: int) -> None:
+  from experiments.common import base_config  # pylint: disable=import-outside-toplevel
+  check_schema(config, base_config())
+  o = config.optim
+  if o.grad_accum < 1:
+    raise ValueError(f"config.optim.grad_accum={o.grad_accum} must be >= 1")
+  if o.lr < 0 or o.warmup_steps < 0:
+    raise ValueError("config.optim.lr and config.optim.warmup_steps must be >= 0")
+  if not 0.0 <= o.ema_decay < 1.0:
+    raise ValueError(f"config.optim.ema_decay={o.ema_decay} must be in [0, 1) (0 disables EMA)")
+  if o.schedule not in ("constant", "cosine"):
+    raise ValueError(f"config.optim.schedule={o.schedule!r} is not 'constant' or 'cosine'")
+  if config.loss.ce_weight < 0 or config.loss.mse_weight < 0 or config.loss.timestep_shift <= 0:
+    raise ValueError("config.loss: weights must be >= 0 and timestep_shift > 0")
+  if config.train.steps < 1 or config.train.log_every < 1 or config.train.checkpoint_every < 1:
+    raise ValueError("config.train.steps, log_every and checkpoint_every must be >= 1")
+  ici = dict(config.mesh.ici)
+  dcn = dict(config.mesh.dcn)
+  n_slices = int(dcn.get("data", 1))
+  if n_devices % n_slices:
+    raise ValueError(f"config.mesh.dcn.data={n_slices} does not divide the {n_devices} devices")
+  sizes = mesh_lib.resolve_axes(ici, n_devices // n_slices, "ici")
+  rules_lib.get_rules(config.mesh.rules)
+  batch_axes = n_slices * sizes["data"] * sizes["fsdp"]
+  b = int(config.batch.batch_size)
+  if b % (batch_axes * o.grad_accum) or b % process_count:
+    raise ValueError(f"config.batch.batch_size={b} must be divisible by the batch mesh axes ({batch_axes}) x "
+                     f"config.optim.grad_accum ({o.grad_accum}) and by the process count ({process_count})")
+  model_cfg = build_model_config(config)
+  spec = build_batch_spec(config, model_cfg)
+  need = max_sample_requirements(config, model_cfg)
+  have = dict(tokens=("seq_len", spec.seq_len), vit_tokens=("vit_capacity", spec.vit_capacity),
+              latent_tokens=("latent_capacity", spec.latent_capacity), images=("image_capacity", spec.image_capacity),
+              und_tokens=("und_capacity", spec.nu), ce=("ce_capacity", spec.nc),
+              vae_images=("vae_image_capacity", spec.vae_image_capacity if spec.pixel_mode else 10 ** 9))
+  for what, value in need.items():
+    key, cap = have[what]
+    if value > cap:
+      raise ValueError(f"config.batch.{key}={cap} is smaller than one sample of the data mix "
+                       f"(needs {value} {what.replace('_', ' ')})")
+
+
+def max_sample_requirements(config, model_cfg) -> Dict[str, int]:
+  """Per-row resources the largest sample of the configured data source needs."""
+  if config.data.source == "random":
+    # bagel_jax.data.examples.random_sample: <= 11 text tokens x 2 items, images up to 4x4 tokens.
+    lat = min(4, model_cfg.max_latent_size) ** 2
+    vit = min(4, model_cfg.vit.max_patches_per_side) ** 2
+    return dict(tokens=2 * lat + vit + 5 * 2 + 16, vit_tokens=vit, latent_tokens=4 * lat, images=6)
+  from bagel_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  return pipeline.max_sample_requirements(config, model_cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shardings and state.
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Setup:
+  config: Any
+  model_cfg: config_lib.BagelConfig
+  mesh: Any
+  rules: Any
+  spec: batch_lib.BatchSpec          # global batch
+  local_spec: batch_lib.BatchSpec    # this process's rows
+  tx: Any
+  schedule: Any
+  mask: Any
+  param_shardings: Any
+  state_shardings: Any
+  abstract_state: Any
+  step_fn: Any
+
+
+def _opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh):
+  """Optimizer-state leaves mirror parameters (Adam mu/nu): give each the sharding of the parameter whose path
+  is the longest suffix of its own path with the same shape; scalars (counts) are replicated."""
+  by_path = {}
+  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                              jax.tree.leaves(param_shardings)):
+    by_path[tuple(path)] = (leaf.shape, sh)
+
+  def one(path, leaf):
+    path = tuple(path)
+    for i in range(len(path)):
+      hit = by_path.get(path[i:])
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return rules_lib.replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+
+def make_setup(config, devices=None) -> Setup:
+  devices = list(jax.devices() if devices is None else devices)
+  validate_config(config, len(devices), jax.process_count())
+  model_cfg = build_model_config(config)
+  mesh = mesh_lib.create_mesh(dict(config.mesh.ici), dict(config.mesh.dcn), devices)
+  rules = rules_lib.rules_for_mesh(rules_lib.get_rules(config.mesh.rules), mesh)
+  spec = build_batch_spec(config, model_cfg)
+  local_spec = dataclasses.replace(spec, batch_size=spec.batch_size // jax.process_count())
+
+  abstract_params = bagel_lib.abstract_params(model_cfg)
+  logical = bagel_lib.param_logical_axes(model_cfg)
+  param_shardings = rules_lib.logical_to_sharding(logical, abstract_params, mesh, rules)
+  optim = config.optim
+  tx, schedule, mask = opt_lib.make_optimizer(optim, abstract_params)
+  ema = optim.ema_decay > 0
+  abstract_state = jax.eval_shape(lambda p: init_state(p, tx, ema), abstract_params)
+  state_shardings = TrainState(
+      step=rules_lib.replicated(mesh), params=param_shardings,
+      opt_state=_opt_state_shardings(abstract_state.opt_state, abstract_params, param_shardings, mesh),
+      ema=param_shardings if ema else None)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                                state_shardings)
+  train_step = make_train_step(
+      model_cfg, tx=tx, mask=mask, schedule=schedule, seed=int(config.seed),
+      timestep_shift=float(config.loss.timestep_shift), ce_weight=float(config.loss.ce_weight),
+      mse_weight=float(config.loss.mse_weight), grad_accum=int(optim.grad_accum), ema_decay=float(optim.ema_decay))
+  batch_sh = rules_lib.batch_shardings(mesh, spec.abstract())
+  step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
+                    out_shardings=(state_shardings, rules_lib.replicated(mesh)), donate_argnums=(0,))
+  return Setup(config, model_cfg, mesh, rules, spec, local_spec, tx, schedule, mask, param_shardings,
+               state_shardings, abstract_state, step_fn)
+
+
+def init_params_sharded(s: Setup, rng) -> Any:
+  """Parameters created directly in their shardings (no full copy on one device)."""
+  rng_model, rng_vae = jax.random.split(rng)
+  no_vae = {k: v for k, v in s.param_shardings.items() if k != "vae"}
+  init = jax.jit(lambda r: nn.unbox(bagel_lib._boxed_init(s.model_cfg, r, with_vae=False))["params"],  # pylint: disable=protected-access
+                 out_shardings=no_vae)
+  with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+    params = init(rng_model)
+  params["vae"] = jax.device_put(init_vae_params(s.model_cfg.vae, rng_vae), s.param_shardings["vae"])
+  if s.config.model.copy_init_moe and s.model_cfg.llm.num_modality_experts == 2:
+    params = jax.jit(lambda p: bagel_lib.init_gen_from_und(p, s.model_cfg), out_shardings=s.param_shardings)(params)
+  return params
+
+
+def initial_params(s: Setup) -> Any:
+  """From `config.init.checkpoint` (converted weights), else fresh."""
+  path = s.config.init.checkpoint
+  if path:
+    params, _, step = ckpt_lib.load_params(path, s.model_cfg, abstract=s.abstract_state.params,
+                                           item=s.config.init.item)
+    print(f"initialised from {path} step {step} ({s.config.init.item})", flush=True)
+    return params
+  return init_params_sharded(s, jax.random.key(int(s.config.seed)))
+
+
+def create_state(s: Setup) -> TrainState:
+  params = initial_params(s)
+  ema = s.config.optim.ema_decay > 0
+  with jax.set_mesh(s.mesh):
+    return jax.jit(lambda p: init_state(p, s.tx, ema), out_shardings=s.state_shardings)(params)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------------------
+
+class _StopFlag:
+  """Set by SIGTERM (preemption notice): save and exit at the next step boundary."""
+
+  def __init__(self):
+    self.set = False
+    self._old = None
+
+  def install(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_):
+    self.set = True
+
+  def uninstall(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+LOG_KEYS = ("loss", "ce", "mse", "grad_norm", "lr", "tokens_per_s", "mfu")
+
+
+def train(config, workdir: str, devices=None) -> Dict[str, Any]:
+  """Runs (or resumes) the configured training; returns the last logged metrics."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  s = make_setup(config, devices)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  if pidx == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  data_iter = inputs.make_input(config, s.model_cfg, s.local_spec, pidx, pcount)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), s.model_cfg,
+                                    keep=config.train.keep_checkpoints, keep_period=config.train.keep_period,
+                                    async_save=config.train.async_checkpoint)
+  state, restored_step = ckpt.restore(s.abstract_state, data_iter)
+  if state is None:
+    state = create_state(s)
+    start = 0
+  else:
+    start = restored_step
+    print(f"resumed from step {start}", flush=True)
+  writer = metrics_lib.create_writer(workdir, pidx, tensorboard=config.train.tensorboard)
+  if pidx == 0 and isinstance(getattr(writer, "writers", [None])[0], metrics_lib.JsonlCsvWriter):
+    writer.writers[0].truncate_after(start)
+    writer.write_hparams(config.to_dict())
+  _log_parameter_overview(state.params, workdir, pidx)
+
+  total = int(config.train.steps)
+  progress = metrics_lib.Progress(total, start)
+  stop = _StopFlag()
+  stop.install()
+  device_kind = s.mesh.devices.flat[0].device_kind
+  n_dev = s.mesh.devices.size
+  last: Dict[str, Any] = {}
+  pending = None  # (step, metrics, batch index) of the previous step, checked after the next is dispatched
+  window_flops = window_tokens = 0.0
+  window_t = time.time()
+  step = start
+  try:
+    while step < total:
+      batch_index = step
+      local = next(data_iter)
+      if config.train.validate_batches:
+        batch_lib.validate(local, s.local_spec)
+      fl = flops_lib.step_flops(local, s.model_cfg)
+      window_flops += fl["total"] * pcount
+      window_tokens += fl["tokens"] * pcount
+      with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
+        state, m = s.step_fn(state, inputs.to_global(local, s.mesh))
+      step += 1
+      if pending is not None:
+        _check_finite(pending, ckpt)
+      pending = (step, m, batch_index)
+      progress.tick(step)
+      if step % config.train.log_every == 0 or step == total:
+        _check_finite(pending, ckpt)
+        host = {k: float(v) for k, v in jax.device_get(m).items()}
+        dt = time.time() - window_t
+        host["tokens_per_s"] = window_tokens / dt
+        host["step_time_s"] = dt / (config.train.log_every if step % config.train.log_every == 0 else 1)
+        host["model_tflops_per_s"] = window_flops / dt / 1e12
+        host["mfu"] = flops_lib.mfu(window_flops, dt, n_dev, device_kind)
+        for k, v in getattr(data_iter, "stats", {}).items():
+          host[f"data/{k}"] = float(v)
+        writer.write_scalars(step, {k: v for k, v in host.items() if not math.isnan(v)})
+        if pidx == 0:
+          progress.report(step, host, LOG_KEYS)
+        last = dict(host, step=step)
+        window_flops = window_tokens = 0.0
+        window_t = time.time()
+      if config.train.plot_every and step % config.train.plot_every == 0 and pidx == 0:
+        _plot(workdir)
+      preempted = stop.set or (pcount > 1 and ckpt.reached_preemption(step))
+      if step % config.train.checkpoint_every == 0 or step == total or preempted:
+        if pending is not None:
+          _check_finite(pending, ckpt)
+        ckpt.save(state, data_iter, force=preempted or step == total)
+      if preempted:
+        print(f"preemption notice: saved step {step}, exiting", flush=True)
+        break
+      if config.train.debug_kill_at_step and step == config.train.debug_kill_at_step:
+        ckpt.wait()  # deterministic drill: the last save has landed, then an abrupt death without cleanup
+        os.kill(os.getpid(), signal.SIGKILL)
+  finally:
+    stop.uninstall()
+    ckpt.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()
+  if pidx == 0:
+    _plot(workdir)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(dict(last, final_step=step, model=config_lib.to_dict(s.model_cfg)), f, indent=1, default=str)
+  return last
+
+
+def _check_finite(pending, ckpt):
+  step, m, batch_index = pending
+  loss = float(jax.device_get(m["loss"]))
+  if not math.isfinite(loss):
+    ckpt.wait()
+    raise NonFiniteLossError(
+        f"loss is {loss} at step {step} (batch index {batch_index}); stopping. The last good checkpoint is step "
+        f"{ckpt.latest_step()} in {ckpt.directory}")
+
+
+def _plot(workdir: str):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    metrics_lib.plot_curves(path, os.path.join(workdir, "loss_curves.png"))
+
+
+def _log_parameter_overview(params, workdir: str, pidx: int):
+  if pidx:
+    return
+  try:
+    from clu import parameter_overview  # pylint: disable=import-outside-toplevel
+    text = parameter_overview.get_parameter_overview(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                                  params), include_stats=False)
+  except Exception as e:  # pylint: disable=broad-except
+    text = f"(parameter overview unavailable: {e})"
+  with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+    f.write(text + "\n")

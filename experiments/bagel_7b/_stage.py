@@ -1,0 +1,28 @@
+"""The four BAGEL-7B stages share one builder; each stage file only names its stage (Table 3 values)."""
+from experiments import common
+
+
+def stage_config(stage: str, arg):
+  arg = common.parse_arg(arg, variant="mot", topology="v5p-256", model="7b", runlocal=False, steps=0,
+                         attention="pallas", remat="nothing_saveable")
+  c = common.base_config()
+  c.name = f"bagel_7b_{stage}"
+  common.apply_stage(c, stage, steps=arg.steps or None)
+  if arg.runlocal or arg.model == "tiny":
+    # The same recipe at CPU scale on the built-in synthetic data.
+    c.model.preset = "tiny"
+    c.model.variant = arg.variant
+    c.train.steps = c.optim.total_steps = arg.steps or 300
+    c.optim.warmup_steps = min(c.optim.warmup_steps, c.train.steps // 10)
+    c.batch.update(dict(batch_size=4, seq_len=512, vit_capacity=128, latent_capacity=256, image_capacity=16))
+    c.data.source = "synthetic"
+    return c
+  c.model.update(dict(preset="bagel_7b", variant=arg.variant, dtype="bfloat16", attention_impl=arg.attention,
+                      remat_policy=arg.remat, ce_chunk_size=4096))
+  common.seven_b_batch(c, stage)
+  common.size_for_topology(c, arg.topology)
+  c.mesh.ici.update(dict(data=1, fsdp=-1, tensor=1))
+  c.data.source = "pipeline"
+  c.train.checkpoint_every = 1000
+  c.train.log_every = 10
+  return c

@@ -1,0 +1,10 @@
+"""BAGEL-7B stage 'sft' (paper Table 3).
+
+  bagel-train --config experiments/bagel_7b/sft.py:variant=mot,topology=v5p-256 --workdir gs://...
+  bagel-train --config experiments/bagel_7b/sft.py:runlocal --workdir /tmp/sft    # CPU, synthetic data
+"""
+from experiments.bagel_7b._stage import stage_config
+
+
+def get_config(arg=None):
+  return stage_config("sft", arg)

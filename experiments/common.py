@@ -1,0 +1,144 @@
+"""Shared pieces of the experiment configs: typed `parse_arg`, the base config, the paper's stage recipes.
+
+Every experiment file defines `get_config(arg)` (big_vision style) and is used as
+`bagel-train --config experiments/bagel_7b/pretrain.py:variant=mot,topology=v5p-256 --workdir DIR`, any field
+overridable with `--config.optim.lr=3e-4`. Stage differences are data (Table 3 below), not code.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import ml_collections
+
+# Paper Table 3 (reference §6.5): the four BAGEL stages.
+STAGES: Dict[str, Dict[str, Any]] = {
+    "align": dict(lr=1e-3, schedule="cosine", warmup_steps=250, steps=5_000, ce_weight=1.0, mse_weight=0.0,
+                  ema_decay=0.0, seq_len=(32_768, 36_864), max_context=16_384, gen_res=None, und_res=(378, 378),
+                  timestep_shift=1.0, trainable="connector/.*",
+                  ratios=dict(text=0.0, t2i=0.0, i2t=1.0, interleaved_und=0.0, video=0.0, web=0.0)),
+    "pretrain": dict(lr=1e-4, schedule="constant", warmup_steps=2_500, steps=200_000, ce_weight=0.25,
+                     mse_weight=1.0, ema_decay=0.9999, seq_len=(32_768, 36_864), max_context=16_384,
+                     gen_res=(256, 512), und_res=(224, 980), timestep_shift=1.0, trainable=".*",
+                     ratios=dict(text=0.05, t2i=0.6, i2t=0.1, interleaved_und=0.1, video=0.1, web=0.05)),
+    "continued": dict(lr=1e-4, schedule="constant", warmup_steps=2_500, steps=100_000, ce_weight=0.25,
+                      mse_weight=1.0, ema_decay=0.9999, seq_len=(40_960, 46_080), max_context=40_960,
+                      gen_res=(512, 1024), und_res=(378, 980), timestep_shift=4.0, trainable=".*",
+                      ratios=dict(text=0.05, t2i=0.4, i2t=0.1, interleaved_und=0.15, video=0.15, web=0.15)),
+    "sft": dict(lr=2.5e-5, schedule="constant", warmup_steps=500, steps=15_000, ce_weight=0.25, mse_weight=1.0,
+                ema_decay=0.995, seq_len=(40_960, 46_080), max_context=40_960, gen_res=(512, 1024),
+                und_res=(378, 980), timestep_shift=4.0, trainable=".*",
+                ratios=dict(text=0.05, t2i=0.3, i2t=0.05, interleaved_und=0.2, video=0.2, web=0.2)),
+}
+
+# TPU slice names -> chip counts (v4/v5p names count TensorCores, two per chip).
+TOPOLOGY_CHIPS = {"v5p-8": 4, "v5p-16": 8, "v5p-32": 16, "v5p-64": 32, "v5p-128": 64, "v5p-256": 128,
+                  "v5p-512": 256, "v5p-1024": 512, "v6e-4": 4, "v6e-8": 8, "v6e-16": 16, "v6e-32": 32,
+                  "v6e-64": 64, "v6e-128": 128, "v6e-256": 256, "v5e-16": 16, "v5e-64": 64, "v5e-256": 256,
+                  "v4-8": 4, "v4-32": 16, "v4-128": 64}
+
+
+def parse_arg(arg, **spec):
+  """'a=1,b=x,flag' -> ConfigDict typed by the defaults in `spec`; bare names set bools to True.
+
+  Unknown names and values that do not parse as the default's type raise ValueError naming the key."""
+  out = ml_collections.ConfigDict(dict(spec))
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, eq, value = item.partition("=")
+    key = key.strip()
+    if key not in spec:
+      raise ValueError(f"config arg: unknown key {key!r}; known keys: {sorted(spec)}")
+    default = spec[key]
+    if isinstance(default, bool):
+      if not eq:
+        out[key] = True
+      elif value.lower() in ("true", "1", "yes"):
+        out[key] = True
+      elif value.lower() in ("false", "0", "no"):
+        out[key] = False
+      else:
+        raise ValueError(f"config arg {key}={value!r}: expected a bool")
+    elif not eq:
+      raise ValueError(f"config arg {key!r} needs a value ({key}=...)")
+    else:
+      try:
+        out[key] = type(default)(value)
+      except ValueError as e:
+        raise ValueError(f"config arg {key}={value!r}: expected {type(default).__name__}") from e
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "bagel"
+  c.stage = "pretrain"
+  c.seed = 0
+  c.topology = ""  # TPU slice the config is sized for (AOT and launch scripts); "" = whatever devices exist
+  c.model = ml_collections.ConfigDict(dict(
+      preset="tiny", variant="mot", dtype="float32", param_dtype="float32", attention_impl="reference",
+      remat_policy="none", scan_layers=True, routing="capacity", ce_chunk_size=0, freeze_und=False,
+      copy_init_moe=True, max_latent_size=0))
+  c.init = ml_collections.ConfigDict(dict(checkpoint="", item="params"))
+  c.batch = ml_collections.ConfigDict(dict(
+      batch_size=8, seq_len=512, vit_capacity=128, latent_capacity=256, image_capacity=16, und_capacity=0,
+      ce_capacity=0, vae_image_capacity=0, vae_image_size=0))
+  c.data = ml_collections.ConfigDict(dict(source="random", seed=0))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-4, schedule="constant", warmup_steps=0, min_lr=1e-7, total_steps=1000, b1=0.9, b2=0.95, eps=1e-15,
+      weight_decay=0.0, clip_norm=1.0, grad_accum=1, trainable=".*", frozen="vae/.*", ema_decay=0.0))
+  c.loss = ml_collections.ConfigDict(dict(ce_weight=0.25, mse_weight=1.0, timestep_shift=1.0))
+  c.mesh = ml_collections.ConfigDict(dict(
+      ici=ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)),
+      dcn=ml_collections.ConfigDict(dict(data=1)), rules="default"))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, log_every=10, checkpoint_every=500, keep_checkpoints=3, keep_period=0, async_checkpoint=True,
+      validate_batches=False, tensorboard=True, plot_every=0, sample_every=0, num_samples=8,
+      debug_kill_at_step=0))  # fault injection: SIGKILL after this step once saves landed
+  c.distributed = ml_collections.ConfigDict(dict(initialize=False, coordinator="", num_processes=0,
+                                                 process_id=-1, cpu_collectives="gloo"))
+  return c
+
+
+def apply_stage(c: ml_collections.ConfigDict, stage: str, *, steps=None) -> ml_collections.ConfigDict:
+  """Writes a Table-3 stage recipe into the optimizer/loss fields of `c`."""
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
+  s = STAGES[stage]
+  c.stage = stage
+  c.optim.lr = s["lr"]
+  c.optim.schedule = s["schedule"]
+  c.optim.warmup_steps = s["warmup_steps"]
+  c.optim.ema_decay = s["ema_decay"]
+  c.optim.trainable = s["trainable"]
+  c.loss.ce_weight = s["ce_weight"]
+  c.loss.mse_weight = s["mse_weight"]
+  c.loss.timestep_shift = s["timestep_shift"]
+  c.train.steps = steps or s["steps"]
+  c.optim.total_steps = c.train.steps
+  return c
+
+
+def size_for_topology(c: ml_collections.ConfigDict, topology: str, *, rows_per_chip: int = 1):
+  """One packed row per chip (the paper packs one sequence per rank)."""
+  if topology not in TOPOLOGY_CHIPS:
+    raise ValueError(f"unknown topology {topology!r}; known: {sorted(TOPOLOGY_CHIPS)}")
+  c.topology = topology
+  c.batch.batch_size = TOPOLOGY_CHIPS[topology] * rows_per_chip
+  return c
+
+
+def seven_b_batch(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """Per-row capacities for the 7B recipe at the stage's packing window.
+
+  NU + NL = 1.11 L: MoT layers cost 1.11x a dense pass over the row; the packer enforces both."""
+  seq = STAGES[stage]["seq_len"][1]
+  c.batch.seq_len = seq
+  c.batch.latent_capacity = seq * 2 // 3
+  c.batch.und_capacity = seq - c.batch.latent_capacity + seq // 9
+  c.batch.vit_capacity = seq // 4
+  c.batch.ce_capacity = seq // 4
+  c.batch.image_capacity = 128
+  return c

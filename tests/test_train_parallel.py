@@ -33,9 +33,10 @@ from bagel_jax.train import trainer, inputs
 from bagel_jax.models import bagel as bagel_lib
 from bagel_jax.parallel import rules as rules_lib
 
-def config(ici):
+def config(ici, dcn=1):
   c = random_smoke.get_config("steps=1,batch=8")
   c.mesh.ici.update(ici)
+  c.mesh.dcn.data = dcn
   return c
 
 base = trainer.make_setup(config(dict(data=1, fsdp=1, tensor=1)), devices=jax.devices()[:1])
@@ -53,9 +54,10 @@ def loss_and_grads(s):
 
 ref_loss, ref_g, _ = loss_and_grads(base)
 out = {}
-for name, ici in [("data8", dict(data=8, fsdp=1, tensor=1)), ("fsdp", dict(data=2, fsdp=4, tensor=1)),
-                  ("tensor", dict(data=2, fsdp=2, tensor=2))]:
-  s = trainer.make_setup(config(ici))
+for name, ici, dcn in [("data8", dict(data=8, fsdp=1, tensor=1), 1), ("fsdp", dict(data=2, fsdp=4, tensor=1), 1),
+                       ("tensor", dict(data=2, fsdp=2, tensor=2), 1),
+                       ("two_slices", dict(data=1, fsdp=2, tensor=2), 2)]:
+  s = trainer.make_setup(config(ici, dcn))
   loss, g, params = loss_and_grads(s)
   # relative to each leaf's scale, floored: the ViT k-bias gradient is analytically 0 (softmax shift invariance)
   err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(float(np.max(np.abs(np.asarray(b)))), 1e-6))

@@ -52,7 +52,10 @@ def create_mesh(ici: Mapping[str, int], dcn: Optional[Mapping[str, int]] = None,
   per_slice = resolve_axes(ici, len(devices) // n_slices, "ici")
   shape = tuple(per_slice[a] for a in ICI_AXES)
   if n_slices > 1:
-    arr = mesh_utils.create_hybrid_device_mesh((1,) + shape, (n_slices,) + (1,) * len(shape), devices=devices)
+    if all(hasattr(d, "slice_index") for d in devices):
+      arr = mesh_utils.create_hybrid_device_mesh((1,) + shape, (n_slices,) + (1,) * len(shape), devices=devices)
+    else:  # CPU / single-slice hardware emulating slices: contiguous device groups
+      arr = np.asarray(devices).reshape((n_slices,) + shape)
   else:
     try:
       arr = mesh_utils.create_device_mesh(shape, devices=devices)

@@ -3,7 +3,7 @@ from experiments import common
 
 
 def stage_config(stage: str, arg):
-  arg = common.parse_arg(arg, variant="mot", topology="v5p-256", model="7b", runlocal=False, steps=0,
+  arg = common.parse_arg(arg, variant="mot", topology="v5p-256", model="7b", runlocal=False, steps=0, slices=1,
                          attention="pallas", remat="nothing_saveable")
   c = common.base_config()
   c.name = f"bagel_7b_{stage}"
@@ -21,7 +21,9 @@ def stage_config(stage: str, arg):
                       remat_policy=arg.remat, ce_chunk_size=4096))
   common.seven_b_batch(c, stage)
   common.size_for_topology(c, arg.topology)
+  c.batch.batch_size *= arg.slices
   c.mesh.ici.update(dict(data=1, fsdp=-1, tensor=1))
+  c.mesh.dcn.data = arg.slices  # multi-slice: data parallel across slices over DCN, FSDP inside each slice
   c.data.source = "pipeline"
   c.train.checkpoint_every = 1000
   c.train.log_every = 10

@@ -12,6 +12,9 @@ Rules implemented here:
   image), the whole block at one RoPE id; the id advances by 1 except after a noisy image.
 - video group: several VAE frames in one `full` split (diffusion forcing), one timestep for the group, RoPE id
   advancing by each frame's `frame_delta`.
+- CFG dropout (§5.5): items with `cfg=True` may be dropped by `apply_cfg_dropout`; a dropped item becomes
+  `Dropped(advance)`, which emits no tokens but still moves the RoPE counter: by 1 for a ViT/VAE image, by 0
+  for text (the official `pack_sequence` does `curr_rope_id += 1; continue` only for images).
 """
 from __future__ import annotations
 
@@ -55,12 +58,14 @@ class LayoutConfig:
 class Text:
   ids: Sequence[int]
   loss: bool = False
+  cfg: bool = False            # droppable condition (official `enable_cfg`)
 
 
 @dataclasses.dataclass
 class VitImage:
   patches: np.ndarray          # [h*w, patch_dim], raster order, (p, q, c) inside a patch
   grid: tuple                  # (h, w) in patches
+  cfg: bool = False
 
 
 @dataclasses.dataclass
@@ -74,6 +79,7 @@ class VaeImage:
   pixels: Optional[np.ndarray] = None
   noisy: bool = False
   t_logit: float = 0.0         # raw timestep logit n ~ N(0,1) of a noisy image
+  cfg: bool = False            # droppable clean condition (never set on a noisy target)
 
 
 @dataclasses.dataclass
@@ -85,7 +91,35 @@ class VideoGroup:
   t_logit: float = 0.0
 
 
-Item = Union[Text, VitImage, VaeImage, VideoGroup]
+@dataclasses.dataclass
+class Dropped:
+  """A CFG-dropped item: no tokens, the RoPE counter advances by `advance` (1 for images, 0 for text)."""
+  advance: int = 0
+
+
+Item = Union[Text, VitImage, VaeImage, VideoGroup, Dropped]
+
+
+def apply_cfg_dropout(items: Sequence[Item], rng: np.random.Generator, text: float = 0.1, vit: float = 0.5,
+                      vae: float = 0.1) -> List[Item]:
+  """Drops each `cfg=True` item independently with its kind's probability (paper §2.3: text 0.1, ViT 0.5,
+  clean VAE 0.1). One uniform draw per droppable item, in order, from the sample's own RNG."""
+  out: List[Item] = []
+  for item in items:
+    p = None
+    if isinstance(item, Text) and item.cfg:
+      p, advance = text, 0
+    elif isinstance(item, VitImage) and item.cfg:
+      p, advance = vit, 1
+    elif isinstance(item, VaeImage) and item.cfg:
+      if item.noisy:
+        raise ValueError("apply_cfg_dropout: a noisy VAE target cannot be a droppable condition (cfg=True)")
+      p, advance = vae, 1
+    if p is not None and rng.random() < p:
+      out.append(Dropped(advance))
+    else:
+      out.append(item)
+  return out
 
 
 @dataclasses.dataclass
@@ -126,35 +160,40 @@ class SampleLayout:
 
 
 def layout_sample(items: Sequence[Item], layout: LayoutConfig) -> SampleLayout:
-  """Lays out one interleaved sample by the official rules."""
+  """Lays out one interleaved sample by the official rules (built block by block: one numpy fill per item)."""
   special = layout.special
-  cols = {k: [] for k in ("text_ids", "modality", "split", "split_mode", "position", "ce_target", "ce_weight",
-                          "mse_weight")}
+  blocks = {k: [] for k in ("text_ids", "modality", "split", "split_mode", "position", "ce_target", "ce_weight",
+                            "mse_weight")}
   images: List[dict] = []
-  rope = 0
-  split = 0
+  state = dict(rope=0, split=0, n=0)
 
-  def emit(text_id, modality, mode, pos, ce_target=0, ce_weight=0.0, mse=0.0):
-    cols["text_ids"].append(text_id)
-    cols["modality"].append(modality)
-    cols["split"].append(split)
-    cols["split_mode"].append(mode)
-    cols["position"].append(pos)
-    cols["ce_target"].append(ce_target)
-    cols["ce_weight"].append(ce_weight)
-    cols["mse_weight"].append(mse)
+  def emit_block(text_ids, modality, mode, position, ce_target=None, ce_weight=None, mse=0.0):
+    n = len(text_ids)
+    blocks["text_ids"].append(np.asarray(text_ids, np.int32))
+    blocks["modality"].append(np.asarray(modality, np.int32))
+    blocks["split"].append(np.full(n, state["split"], np.int32))
+    blocks["split_mode"].append(np.full(n, mode, np.int32))
+    blocks["position"].append(np.asarray(position, np.int32) if np.ndim(position) else np.full(n, position, np.int32))
+    blocks["ce_target"].append(np.zeros(n, np.int32) if ce_target is None else np.asarray(ce_target, np.int32))
+    blocks["ce_weight"].append(np.zeros(n, np.float32) if ce_weight is None else np.asarray(ce_weight, np.float32))
+    blocks["mse_weight"].append(np.full(n, mse, np.float32))
+    state["n"] += n
 
   def emit_image_block(kind, grid, mode, pos, payload, t_logit, mse):
     h, w = (int(x) for x in grid)
     side = layout.vit_side if kind == "vit" else layout.latent_side
     if h > side or w > side or h <= 0 or w <= 0:
       raise ValueError(f"{kind} image grid {h}x{w} outside 1..{side} tokens per side")
-    emit(special.vision_start, TEXT, mode, pos)
-    images.append(dict(kind=kind, grid=(h, w), offset=len(cols["modality"]), t_logit=t_logit, **payload))
-    modality = VIT if kind == "vit" else VAE
-    for _ in range(h * w):
-      emit(0, modality, mode, pos, mse=mse)
-    emit(special.vision_end, TEXT, mode, pos)
+    n = h * w
+    ids = np.zeros(n + 2, np.int32)
+    ids[0], ids[-1] = special.vision_start, special.vision_end
+    modality = np.full(n + 2, VIT if kind == "vit" else VAE, np.int32)
+    modality[0] = modality[-1] = TEXT
+    mse_w = np.full(n + 2, mse, np.float32)
+    mse_w[0] = mse_w[-1] = 0.0
+    images.append(dict(kind=kind, grid=(h, w), offset=state["n"] + 1, t_logit=t_logit, **payload))
+    emit_block(ids, modality, mode, pos)
+    blocks["mse_weight"][-1] = mse_w
 
   def vae_payload(im: VaeImage):
     if (im.latents is None) == (im.pixels is None):
@@ -167,40 +206,48 @@ def layout_sample(items: Sequence[Item], layout: LayoutConfig) -> SampleLayout:
     return dict(pixels=np.asarray(im.pixels, np.float32))
 
   for item in items:
-    split += 1
+    if isinstance(item, Dropped):
+      state["rope"] += int(item.advance)
+      continue
+    state["split"] += 1
+    rope = state["rope"]
     if isinstance(item, Text):
       ids = [int(i) for i in item.ids]
       tokens = [special.bos] + ids + [special.eos]
-      labels = ids + [special.eos]
-      for j, tok in enumerate(tokens):
-        has_label = item.loss and j < len(labels)
-        emit(tok, TEXT, CAUSAL, rope + j, ce_target=labels[j] if has_label else 0,
-             ce_weight=1.0 if has_label else 0.0)
-      rope += len(tokens)
+      n = len(tokens)
+      ce_t = np.zeros(n, np.int32)
+      ce_w = np.zeros(n, np.float32)
+      if item.loss:
+        ce_t[:n - 1] = ids + [special.eos]
+        ce_w[:n - 1] = 1.0
+      emit_block(tokens, np.full(n, TEXT, np.int32), CAUSAL, rope + np.arange(n), ce_t, ce_w)
+      state["rope"] += n
     elif isinstance(item, VitImage):
       patches = np.asarray(item.patches, np.float32)
       if patches.shape[0] != item.grid[0] * item.grid[1]:
         raise ValueError(f"VitImage: {patches.shape[0]} patches do not match grid {item.grid}")
       emit_image_block("vit", item.grid, FULL, rope, dict(patches=patches), -np.inf, 0.0)
-      rope += 1
+      state["rope"] += 1
     elif isinstance(item, VaeImage):
       mode = NOISE if item.noisy else FULL
       t_logit = float(item.t_logit) if item.noisy else -np.inf
       emit_image_block("vae", item.grid, mode, rope, vae_payload(item), t_logit, 1.0 if item.noisy else 0.0)
       if not item.noisy:
-        rope += 1
+        state["rope"] += 1
     elif isinstance(item, VideoGroup):
       if len(item.frame_deltas) != len(item.frames):
         raise ValueError("VideoGroup: one frame_delta per frame")
       t_logit = float(item.t_logit) if item.noisy else -np.inf
       for frame, delta in zip(item.frames, item.frame_deltas):
-        emit_image_block("vae", frame.grid, FULL, rope, vae_payload(frame), t_logit, 1.0 if item.noisy else 0.0)
-        rope += int(delta)
+        emit_image_block("vae", frame.grid, FULL, state["rope"], vae_payload(frame), t_logit,
+                         1.0 if item.noisy else 0.0)
+        state["rope"] += int(delta)
     else:
       raise TypeError(f"unknown sample item {type(item).__name__}")
 
   dt = dict(ce_weight=np.float32, mse_weight=np.float32)
-  arrays = {k: np.asarray(v, dt.get(k, np.int32)) for k, v in cols.items()}
+  arrays = {k: (np.concatenate(v) if v else np.zeros(0, dt.get(k, np.int32))).astype(dt.get(k, np.int32), copy=False)
+            for k, v in blocks.items()}
   return SampleLayout(images=images, **arrays)
 
 

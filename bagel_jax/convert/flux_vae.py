@@ -7,15 +7,16 @@ tensor shapes alone.
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bagel_jax.convert.common import (TensorSource, conv_to_kernel, flatten, kernel_to_conv, linear_to_kernel,
-                                      set_path)
+from bagel_jax.convert.common import (ConversionError, Plan, TensorSource, claim_plan, conv_to_kernel,
+                                      export_tensors, flatten, kernel_to_conv, kernel_to_linear, linear_to_kernel,
+                                      materialize, single)
 from bagel_jax.models.config import VAEConfig
 from bagel_jax.models.flux_vae import FluxAutoEncoder
 
@@ -27,10 +28,12 @@ def abstract_vae_params(cfg: VAEConfig) -> Dict[str, jax.ShapeDtypeStruct]:
 
 
 def bfl_name(path: str) -> str:
-  """'encoder/down_1/block_0/conv1/kernel' -> 'encoder.down.1.block.0.conv1.weight'."""
+  """'encoder/down_1/block_0/conv1/kernel' -> 'encoder.down.1.block.0.conv1.weight'; the mid blocks keep
+  BFL's underscore ('encoder.mid.block_1.conv1.weight', 'encoder.mid.attn_1.q.weight')."""
   parts = path.split("/")
   leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[parts[-1]]
-  mods = [re.sub(r"^(down|up|block)_(\d+)$", r"\1.\2", p) for p in parts[:-1]]
+  mods = [p if i and parts[i - 1] == "mid" else re.sub(r"^(down|up|block)_(\d+)$", r"\1.\2", p)
+          for i, p in enumerate(parts[:-1])]
   return ".".join(mods + [leaf])
 
 
@@ -74,41 +77,72 @@ def diffusers_name(path: str, cfg: VAEConfig) -> Tuple[str, bool]:
   return ".".join(out + [leaf]), linear
 
 
-def _from_source(src: TensorSource, cfg: VAEConfig, name_of, dtype) -> Dict:
-  params: Dict = {}
+def flux_plan(cfg: VAEConfig, naming: str = "bfl") -> Plan:
+  """Our VAE paths -> BFL (`ae.safetensors`) or diffusers `AutoencoderKL` names, walking the abstract tree so
+  every parameter is planned exactly once."""
+  if naming not in ("bfl", "diffusers"):
+    raise ValueError(f"unknown FLUX AE naming {naming!r}")
+  plan: Plan = {}
   for path, sd in abstract_vae_params(cfg).items():
-    name, linear = name_of(path)
-    leaf = path.rsplit("/", 1)[1]
-    if leaf == "kernel":
-      if linear:  # diffusers attention projections are Linear [C, C]
-        value = linear_to_kernel(src.take(name, (sd.shape[3], sd.shape[2])))[None, None]
-      else:
-        kh, kw, cin, cout = sd.shape
-        value = conv_to_kernel(src.take(name, (cout, cin, kh, kw)))
+    name, linear = (bfl_name(path), False) if naming == "bfl" else diffusers_name(path, cfg)
+    shape = tuple(sd.shape)
+    if not path.endswith("/kernel"):
+      plan[path] = single(name, shape, shape)
+    elif linear:  # diffusers attention projections are Linear [C, C]
+      plan[path] = single(name, (shape[3], shape[2]), shape, lambda w: linear_to_kernel(w)[None, None],
+                          lambda k: kernel_to_linear(k[0, 0]))
     else:
-      value = src.take(name, sd.shape)
-    set_path(params, path, np.asarray(value, dtype))
+      kh, kw, cin, cout = shape
+      plan[path] = single(name, (cout, cin, kh, kw), shape, conv_to_kernel, kernel_to_conv)
+  return plan
+
+
+def _from_source(src: TensorSource, cfg: VAEConfig, naming: str, dtype) -> Dict:
+  plan = flux_plan(cfg, naming)
+  claim_plan(plan, src)
   src.finish()
-  return params
+  return materialize(plan, src, dtype)
 
 
 def flux_ae_from_bfl(tensors: Mapping[str, np.ndarray], cfg: VAEConfig, dtype=np.float32) -> Dict:
-  return _from_source(TensorSource(tensors, what="ae.safetensors"), cfg, lambda p: (bfl_name(p), False), dtype)
+  return _from_source(TensorSource(tensors, what="ae.safetensors"), cfg, "bfl", dtype)
 
 
 def flux_ae_from_diffusers(tensors: Mapping[str, np.ndarray], cfg: VAEConfig, dtype=np.float32) -> Dict:
   src = TensorSource(tensors, what="diffusers AutoencoderKL")
-  src.ignore(*[k for k in tensors if k.startswith(("quant_conv.", "post_quant_conv."))])
-  return _from_source(src, cfg, lambda p: diffusers_name(p, cfg), dtype)
+  ignore_diffusers_extras(src)
+  return _from_source(src, cfg, "diffusers", dtype)
+
+
+def ignore_diffusers_extras(src: TensorSource) -> None:
+  """FLUX's AutoencoderKL has no quant convs; an SD-style VAE with them is a different model, not a layout."""
+  quant = [k for k in src.keys() if k.startswith(("quant_conv.", "post_quant_conv."))]
+  if quant:
+    raise ConversionError(f"{src.what}: has {quant[:2]}: an AutoencoderKL with quant convs is not FLUX's "
+                          f"autoencoder (use_quant_conv must be False)")
 
 
 def flux_ae_to_bfl(params: Mapping, cfg: VAEConfig) -> Dict[str, np.ndarray]:
   """Our VAE tree -> BFL names and PyTorch layouts."""
-  out = {}
-  for path, value in flatten(params).items():
-    value = np.asarray(value)
-    out[bfl_name(path)] = kernel_to_conv(value) if path.endswith("/kernel") else value
-  return out
+  return {name: produce() for name, _, produce in export_tensors(flux_plan(cfg, "bfl"), flatten(params))}
+
+
+def config_from_diffusers(hf: Mapping, scale_factor: Optional[float] = None,
+                          shift_factor: Optional[float] = None) -> VAEConfig:
+  """VAEConfig from a diffusers `AutoencoderKL` config.json (FLUX's has scaling 0.3611, shift 0.1159)."""
+  blocks = [int(c) for c in hf["block_out_channels"]]
+  if any(c % blocks[0] for c in blocks):
+    raise ConversionError(f"AutoencoderKL block_out_channels {blocks} are not multiples of the first")
+  if hf.get("use_quant_conv", True) or hf.get("use_post_quant_conv", True):
+    raise ConversionError("AutoencoderKL with use_quant_conv / use_post_quant_conv is not FLUX's autoencoder")
+  # diffusers' own defaults: scaling 0.18215, no shift (FLUX's config sets 0.3611 / 0.1159 explicitly).
+  scale = hf.get("scaling_factor", 0.18215) if scale_factor is None else scale_factor
+  shift = (hf.get("shift_factor") or 0.0) if shift_factor is None else shift_factor
+  return VAEConfig(ch=blocks[0], ch_mult=tuple(c // blocks[0] for c in blocks),
+                   num_res_blocks=int(hf.get("layers_per_block", 2)), z_channels=int(hf.get("latent_channels", 16)),
+                   in_channels=int(hf.get("in_channels", 3)), out_channels=int(hf.get("out_channels", 3)),
+                   scale_factor=float(scale), shift_factor=float(shift),
+                   num_groups=int(hf.get("norm_num_groups", 32)))
 
 
 def config_from_bfl_shapes(shapes: Mapping[str, tuple], scale_factor: float = 0.3611, shift_factor: float = 0.1159,
@@ -120,10 +154,10 @@ def config_from_bfl_shapes(shapes: Mapping[str, tuple], scale_factor: float = 0.
     z2 = shapes["encoder.conv_out.weight"][0]
     out_ch = shapes["decoder.conv_out.weight"][0]
   except KeyError as e:
-    raise ValueError(f"not a FLUX AutoEncoder checkpoint: missing {e.args[0]}") from e
+    raise ConversionError(f"not a FLUX AutoEncoder checkpoint: missing {e.args[0]}") from e
   levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
   if levels != list(range(len(levels))) or not levels:
-    raise ValueError(f"FLUX AE: encoder levels {levels} are not 0..n-1")
+    raise ConversionError(f"FLUX AE: encoder levels {levels} are not 0..n-1")
   mult = tuple(int(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0]) // int(ch) for i in levels)
   blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
   return VAEConfig(ch=int(ch), ch_mult=mult, num_res_blocks=len(blocks), z_channels=int(z2) // 2,

@@ -12,7 +12,8 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
-from bagel_jax.convert.common import TensorSource, flatten, kernel_to_linear, linear_to_kernel, set_path
+from bagel_jax.convert.common import (ConversionError, Leaf, Piece, Plan, TensorSource, claim_plan, export_tensors,
+                                      flatten, kernel_to_linear, linear_to_kernel, materialize, single)
 from bagel_jax.models.config import ViTConfig
 
 # SiglipVisionConfig defaults: BAGEL's vit_config.json relies on them for the activation and eps.
@@ -71,47 +72,58 @@ def _layer_paths(config: ViTConfig, prefix: str, scan_layers: bool, j: int):
   return rows
 
 
-def _patch_kernel(src: TensorSource, name: str, config: ViTConfig) -> np.ndarray:
+def siglip_plan(config: ViTConfig, prefix: str = "vision_model.", scan_layers: bool = True,
+                src: Optional[TensorSource] = None) -> Plan:
+  """Our ViT paths -> HF names. The patch embedding is read as a Conv2d when `src` stores it as one and
+  otherwise (and always on export) in BAGEL's linear [hidden, p*p*C] layout."""
   d, p, ch = config.hidden_size, config.patch_size, config.num_channels
-  shape = src.shape(name) if name in src else None
-  if shape is not None and len(shape) == 4:
-    w = src.take(name, (d, ch, p, p))
-    # Conv [out, c, kh, kw] -> Linear [out, (kh, kw, c)], the order `patchify` flattens patches in.
-    w = np.transpose(w, (0, 2, 3, 1)).reshape(d, p * p * ch)
-  else:
-    w = src.take(name, (d, p * p * ch))
-  return linear_to_kernel(w)
-
-
-def siglip_from_source(src: TensorSource, config: ViTConfig, prefix: str = "vision_model.",
-                       scan_layers: bool = True) -> Dict:
-  """Consumes the SigLIP tensors of `src` (and ignores the unused ones) without calling `finish()`, so a
-  whole-model converter can share one source."""
-  d = config.hidden_size
-  params: Dict = {}
   e = f"{prefix}embeddings."
-  set_path(params, "embeddings/patch_embedding/kernel", _patch_kernel(src, f"{e}patch_embedding.weight", config))
-  set_path(params, "embeddings/patch_embedding/bias", src.take(f"{e}patch_embedding.bias", (d,)))
-  set_path(params, "embeddings/position_embedding/embedding",
-           src.take(f"{e}position_embedding.weight", (config.max_patches_per_side ** 2, d)))
+  patch = f"{e}patch_embedding.weight"
+  plan: Plan = {}
+  if src is not None and patch in src and len(src.shape(patch)) == 4:
+    # Conv [out, c, kh, kw] -> Linear [out, (kh, kw, c)], the order `patchify` flattens patches in.
+    plan["embeddings/patch_embedding/kernel"] = single(
+        patch, (d, ch, p, p), (p * p * ch, d),
+        lambda w: linear_to_kernel(np.transpose(w, (0, 2, 3, 1)).reshape(d, p * p * ch)),
+        lambda k: np.transpose(kernel_to_linear(k).reshape(d, p, p, ch), (0, 3, 1, 2)))
+  else:
+    plan["embeddings/patch_embedding/kernel"] = single(patch, (d, p * p * ch), (p * p * ch, d), linear_to_kernel,
+                                                       kernel_to_linear)
+  plan["embeddings/patch_embedding/bias"] = single(f"{e}patch_embedding.bias", (d,), (d,))
+  n_pos = config.max_patches_per_side ** 2
+  plan["embeddings/position_embedding/embedding"] = single(f"{e}position_embedding.weight", (n_pos, d), (n_pos, d))
   per_layer = [_layer_paths(config, prefix, scan_layers, j) for j in range(config.num_layers)]
-  for i, (_, path, _, to_ours, _, _) in enumerate(per_layer[0]):
-    values = [to_ours(src.take(rows[i][0], rows[i][2])) for rows in per_layer]
+  for i, (_, path, _, _, _, shape) in enumerate(per_layer[0]):
+    pieces = [Piece((j,) if scan_layers else (), rows[i][0], rows[i][2], rows[i][3], rows[i][4])
+              for j, rows in enumerate(per_layer)]
     if scan_layers:
-      set_path(params, path, np.stack(values))
+      plan[path] = Leaf((config.num_layers,) + shape, tuple(pieces))
     else:
-      for rows, v in zip(per_layer, values):
-        set_path(params, rows[i][1], v)
-  set_path(params, "post_layernorm/scale", src.take(f"{prefix}post_layernorm.weight", (d,)))
-  set_path(params, "post_layernorm/bias", src.take(f"{prefix}post_layernorm.bias", (d,)))
+      for rows, pc in zip(per_layer, pieces):
+        plan[rows[i][1]] = Leaf(shape, (pc,))
+  plan["post_layernorm/scale"] = single(f"{prefix}post_layernorm.weight", (d,), (d,))
+  plan["post_layernorm/bias"] = single(f"{prefix}post_layernorm.bias", (d,), (d,))
+  return plan
 
+
+def ignore_unused(src: TensorSource, config: ViTConfig, prefix: str = "vision_model.") -> None:
+  """Stored layers beyond those run, the pooling head and stale buffers are known to be unused."""
   extra_layer = re.compile(re.escape(f"{prefix}encoder.layers.") + r"(\d+)\.")
   for name in src.keys():
     m = extra_layer.match(name)
     if (m and int(m.group(1)) >= config.num_layers) or name.startswith(f"{prefix}head.") \
-        or name == f"{e}position_ids":  # non-persistent buffer that some older exports still contain
+        or name == f"{prefix}embeddings.position_ids":  # non-persistent buffer that some older exports contain
       src.ignore(name)
-  return params
+
+
+def siglip_from_source(src: TensorSource, config: ViTConfig, prefix: str = "vision_model.",
+                       scan_layers: bool = True, dtype=np.float32) -> Dict:
+  """Consumes the SigLIP tensors of `src` (and ignores the unused ones) without calling `finish()`, so a
+  whole-model converter can share one source."""
+  plan = siglip_plan(config, prefix, scan_layers, src)
+  claim_plan(plan, src)
+  ignore_unused(src, config, prefix)
+  return materialize(plan, src, dtype)
 
 
 def siglip_from_hf(tensors: Mapping[str, np.ndarray], config: ViTConfig, prefix: str = "vision_model.",
@@ -129,29 +141,20 @@ def siglip_to_hf(params: Mapping, config: ViTConfig, prefix: str = "vision_model
   unscanned trees (detected from the names), unboxed."""
   if set(params) == {"params"}:
     params = params["params"]
-  flat = {k: np.asarray(v) for k, v in flatten(params).items()}
-  e = f"{prefix}embeddings."
-  out = {
-      f"{e}patch_embedding.weight": kernel_to_linear(flat.pop("embeddings/patch_embedding/kernel")),
-      f"{e}patch_embedding.bias": flat.pop("embeddings/patch_embedding/bias"),
-      f"{e}position_embedding.weight": flat.pop("embeddings/position_embedding/embedding"),
-  }
-  stacked = [k for k in flat if k.startswith("encoder/layers/")]
-  scan_layers = bool(stacked)
-  for path in stacked:
-    if flat[path].shape[0] != config.num_layers:
-      raise ValueError(f"SiglipViT param {path!r} stacks {flat[path].shape[0]} layers, expected "
-                       f"{config.num_layers}")
-  for j in range(config.num_layers):
-    for name, path, _, _, to_hf, shape in _layer_paths(config, prefix, scan_layers, j):
-      value = flat[path][j] if scan_layers else flat.pop(path)
-      if value.shape != shape:
-        raise ValueError(f"SiglipViT param {path!r} (layer {j}) has shape {value.shape}, expected {shape}")
-      out[name] = np.ascontiguousarray(to_hf(value))
-  for path in stacked:
-    del flat[path]
-  out[f"{prefix}post_layernorm.weight"] = flat.pop("post_layernorm/scale")
-  out[f"{prefix}post_layernorm.bias"] = flat.pop("post_layernorm/bias")
-  if flat:
-    raise ValueError(f"siglip_to_hf: unexpected params {sorted(flat)}")
-  return out
+  flat = flatten(params)
+  plan = siglip_plan(config, prefix, scan_layers=any(k.startswith("encoder/layers/") for k in flat))
+  extra = sorted(set(flat) - set(plan))
+  if extra:
+    raise ConversionError(f"siglip_to_hf: unexpected params {extra}")
+  return {name: produce() for name, _, produce in export_tensors(plan, flat)}
+
+
+def config_to_hf(config: ViTConfig, stored_layers: Optional[int] = None) -> Dict:
+  """A SigLIP vision config dict (BAGEL's `vit_config.json`): `num_hidden_layers` is the stored count, which
+  BAGEL's loader runs minus one."""
+  return dict(model_type="siglip_vision_model", hidden_size=config.hidden_size,
+              intermediate_size=config.intermediate_size, num_attention_heads=config.num_heads,
+              num_hidden_layers=config.num_layers + 1 if stored_layers is None else stored_layers,
+              patch_size=config.patch_size, image_size=config.patch_size * config.max_patches_per_side,
+              num_channels=config.num_channels, hidden_act="gelu_pytorch_tanh",
+              layer_norm_eps=config.layer_norm_eps, attention_dropout=0.0)

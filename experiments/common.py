@@ -80,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       preset="tiny", variant="mot", dtype="float32", param_dtype="float32", attention_impl="reference",
       remat_policy="none", scan_layers=True, routing="capacity", ce_chunk_size=0, freeze_und=False,
-      copy_init_moe=True, max_latent_size=0))
+      copy_init_moe=True, max_latent_size=0, vit_layers=0,
+      llm_overrides=ml_collections.ConfigDict()))  # e.g. {num_layers: 2}: AOT extrapolation, small ablations
   c.init = ml_collections.ConfigDict(dict(checkpoint="", item="params"))
   c.batch = ml_collections.ConfigDict(dict(
       batch_size=8, seq_len=512, vit_capacity=128, latent_capacity=256, image_capacity=16, und_capacity=0,

@@ -55,6 +55,8 @@ def build_model_config(config) -> config_lib.BagelConfig:
     cfg = cfg.replace(max_latent_size=int(m.max_latent_size))
   for key, value in dict(m.get("llm_overrides", {}) or {}).items():
     cfg = cfg.replace_llm(**{key: value})
+  if m.get("vit_layers", 0):
+    cfg = cfg.replace(vit=dataclasses.replace(cfg.vit, num_layers=int(m.vit_layers)))
   return cfg
 
 
@@ -92,7 +94,7 @@ def check_schema(config, reference, prefix: str = "config") -> None:
       raise ValueError(f"{name}={got!r}: expected {type(want).__name__}, got {type(got).__name__}")
 
 
-def validate_config(config, n_devices: int, process_count: int) -> None:
+def validate_config(config, n_devices: int, process_count: int, check_data: bool = True) -> None:
   from experiments.common import base_config  # pylint: disable=import-outside-toplevel
   check_schema(config, base_config())
   o = config.optim
@@ -122,6 +124,8 @@ def validate_config(config, n_devices: int, process_count: int) -> None:
                      f"config.optim.grad_accum ({o.grad_accum}) and by the process count ({process_count})")
   model_cfg = build_model_config(config)
   spec = build_batch_spec(config, model_cfg)
+  if not check_data:
+    return
   need = max_sample_requirements(config, model_cfg)
   have = dict(tokens=("seq_len", spec.seq_len), vit_tokens=("vit_capacity", spec.vit_capacity),
               latent_tokens=("latent_capacity", spec.latent_capacity), images=("image_capacity", spec.image_capacity),
@@ -185,9 +189,10 @@ def _opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh):
   return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
 
-def make_setup(config, devices=None) -> Setup:
+def make_setup(config, devices=None, check_data: bool = True) -> Setup:
+  """Everything the loop (or an AOT compile, with `devices` of a TPU topology and `check_data=False`) needs."""
   devices = list(jax.devices() if devices is None else devices)
-  validate_config(config, len(devices), jax.process_count())
+  validate_config(config, len(devices), jax.process_count(), check_data)
   model_cfg = build_model_config(config)
   mesh = mesh_lib.create_mesh(dict(config.mesh.ici), dict(config.mesh.dcn), devices)
   rules = rules_lib.rules_for_mesh(rules_lib.get_rules(config.mesh.rules), mesh)

@@ -42,5 +42,6 @@ setup(
     entry_points={"console_scripts": [
         "bagel-train = bagel_jax.train.cli:main",
         "bagel-aot = bagel_jax.parallel.aot:main",
+        "bagel-convert = bagel_jax.convert.cli:main",
     ]},
 )

@@ -26,7 +26,7 @@ from bagel_jax.convert import safetensors_io
 from bagel_jax.convert.common import (ConversionError, Plan, ShardingFn, TensorSource, atomic_output_dir, cast,
                                       check_tree_shapes, claim_plan, export_tensors, flatten, linear_leaves,
                                       materialize, plan_abstract, prefixed, target_dtype, dtype_name, unflatten)
-from bagel_jax.convert.flux_vae import config_from_bfl_shapes, flux_plan
+from bagel_jax.convert.flux_vae import config_from_bfl_source, flux_plan, vae_metadata
 from bagel_jax.convert.qwen2 import infer_variant, llm_config_from_hf, llm_config_to_hf, llm_plan
 from bagel_jax.convert.siglip import config_from_hf as vit_config_from_hf
 from bagel_jax.convert.siglip import config_to_hf as vit_config_to_hf
@@ -167,12 +167,14 @@ def _latent_patch_size(ema: TensorSource, z: int) -> int:
 def inspect_release(llm_json: Mapping, vit_json: Mapping, ema: TensorSource, ae: TensorSource, *,
                     variant: Optional[str] = None, max_latent_size: Optional[int] = None,
                     vit_layers: Optional[int] = None, vit_grid: Optional[int] = None,
-                    vae_scale: float = 0.3611, vae_shift: float = 0.1159, vae_num_groups: int = 32,
+                    vae_scale: Optional[float] = None, vae_shift: Optional[float] = None,
+                    vae_num_groups: Optional[int] = None,
                     special_ids: Optional[Mapping[str, int]] = None, scan_layers: bool = True,
                     dtype="float32", check_model: bool = True) -> Release:
   """Infers the config and claims every tensor of both files (headers only). Each inferred value can be
   overridden; `variant` may only add experts to the file's (dense -> moe/mot, moe -> mot; the new gen expert
-  is a copy of the und one, `copy_init_moe`), never drop trained weights."""
+  is a copy of the und one, `copy_init_moe`), never drop trained weights. The VAE's scale, shift and GroupNorm
+  groups, invisible in shapes, default to the `ae.safetensors` metadata our export writes, else FLUX's."""
   file_variant = infer_variant(ema.keys(), LLM_PREFIX)
   variant = variant or file_variant
   if variant not in _VARIANT_ORDER:
@@ -199,7 +201,7 @@ def inspect_release(llm_json: Mapping, vit_json: Mapping, ema: TensorSource, ae:
                             f"(the released 7B model uses 64)")
     max_latent_size = _square_side(ema, LATENT_TABLE)
 
-  vae = config_from_bfl_shapes({k: ae.shape(k) for k in ae.keys()}, vae_scale, vae_shift, vae_num_groups)
+  vae = config_from_bfl_source(ae, vae_scale, vae_shift, vae_num_groups)
   dt = target_dtype(dtype)
   config = config_lib.BagelConfig(llm=llm, vit=vit, vae=vae, latent_patch_size=_latent_patch_size(ema, vae.z_channels),
                                   max_latent_size=max_latent_size, param_dtype=dtype_name(dt),
@@ -338,7 +340,8 @@ def convert_bagel(src: str, dst: str, *, dtype="float32", weights: Optional[str]
 def export_bagel(checkpoint: str, dst: str, *, dtype=None, ae_dtype="float32", step: Optional[int] = None,
                  overwrite: bool = False, progress: bool = False) -> List[str]:
   """Our checkpoint -> an official-format directory: `ema.safetensors` in `dtype` (default: the stored
-  dtype) with the fixed tables recomputed in the official layout, `ae.safetensors` (FLUX ships it in fp32),
+  dtype) with the fixed tables recomputed in the official layout, `ae.safetensors` (FLUX ships it in fp32; its
+  metadata records the VAE scale/shift/groups, which no official file does),
   `llm_config.json`, `vit_config.json` (stored layer count = layers run + 1, which the official loader
   subtracts) and the source's tokenizer files. Returns the names of the files written."""
   from bagel_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
@@ -362,7 +365,8 @@ def export_bagel(checkpoint: str, dst: str, *, dtype=None, ae_dtype="float32", s
   written = [EMA, AE, LLM_JSON, VIT_JSON]
   with atomic_output_dir(dst, overwrite) as tmp:
     safetensors_io.write_streaming(os.path.join(tmp, EMA), ema_entries, {"format": "pt"}, progress)
-    safetensors_io.write_streaming(os.path.join(tmp, AE), ae_entries, {"format": "pt"}, progress)
+    safetensors_io.write_streaming(os.path.join(tmp, AE), ae_entries, {"format": "pt", **vae_metadata(config.vae)},
+                                   progress)
     llm_json = llm_config_to_hf(config.llm, base_llm, torch_dtype=dtype_name(dt))
     vit_json = dict(base_vit or {}, **vit_config_to_hf(config.vit))
     for name, value in ((LLM_JSON, llm_json), (VIT_JSON, vit_json)):

@@ -36,9 +36,14 @@ def _add_target(p: argparse.ArgumentParser) -> None:
 
 
 def _add_vae_flags(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--vae-scale", type=float, default=None, help="latent scale factor (default FLUX's 0.3611)")
-  p.add_argument("--vae-shift", type=float, default=None, help="latent shift factor (default FLUX's 0.1159)")
-  p.add_argument("--vae-num-groups", type=int, default=32, help="GroupNorm groups (FLUX: 32)")
+  # BFL files carry no VAE config: flag, else the metadata `export` writes, else FLUX's. A diffusers directory's
+  # config.json gives all three (the flags still override scale and shift).
+  p.add_argument("--vae-scale", type=float, default=None,
+                 help="latent scale factor (default: ae.safetensors metadata from our export, else FLUX's 0.3611)")
+  p.add_argument("--vae-shift", type=float, default=None,
+                 help="latent shift factor (default: ae.safetensors metadata from our export, else FLUX's 0.1159)")
+  p.add_argument("--vae-num-groups", type=int, default=None,
+                 help="GroupNorm groups (default: ae.safetensors metadata from our export, else FLUX's 32)")
 
 
 def _add_base(p: argparse.ArgumentParser, default_preset: Optional[str] = None) -> None:
@@ -139,14 +144,15 @@ def run(args: argparse.Namespace) -> None:
     log(f"wrote {args.dst}: {', '.join(files)}")
     return
   sharding_fn = _sharding_fn(args.mesh, args.rules)
-  vae_kw = dict(scale_factor=args.vae_scale, shift_factor=args.vae_shift, num_groups=args.vae_num_groups)
+  vae_kw = dict(scale_factor=getattr(args, "vae_scale", None), shift_factor=getattr(args, "vae_shift", None),
+                num_groups=getattr(args, "vae_num_groups", None))  # siglip has no VAE flags
   if args.command == "bagel":
     config = bagel_conv.convert_bagel(
         args.src, args.dst, dtype=args.dtype, weights=args.weights, ae=args.ae, sharding_fn=sharding_fn,
         progress=progress, overwrite=args.overwrite, check_tables=args.verify_tables, log=log,
         variant=args.variant, max_latent_size=args.max_latent_size, vit_layers=args.vit_layers,
-        vit_grid=args.vit_grid, vae_scale=0.3611 if args.vae_scale is None else args.vae_scale,
-        vae_shift=0.1159 if args.vae_shift is None else args.vae_shift, vae_num_groups=args.vae_num_groups,
+        vit_grid=args.vit_grid, vae_scale=args.vae_scale, vae_shift=args.vae_shift,
+        vae_num_groups=args.vae_num_groups,
         scan_layers=args.scan_layers)
   else:
     variant = getattr(args, "variant", "mot")

@@ -139,14 +139,15 @@ class TensorSource:
   `claim(name, shape)` checks presence and shape from metadata and marks the tensor consumed, `load(name)`
   reads it; `take` does both. `finish()` raises if anything was neither consumed nor declared ignorable, so
   silent partial loads cannot happen. `tensors` maps names to arrays or to anything with `.shape` (metadata)
-  when a `loader` reads the data.
+  when a `loader` reads the data. `metadata` is the file's string metadata (safetensors `__metadata__`).
   """
 
   def __init__(self, tensors: Mapping[str, Any], *, what: str = "checkpoint",
-               loader: Optional[Callable[[str], np.ndarray]] = None):
+               loader: Optional[Callable[[str], np.ndarray]] = None, metadata: Optional[Mapping[str, str]] = None):
     self._tensors = tensors
     self._loader = loader
     self.what = what
+    self.metadata = dict(metadata or {})
     self.consumed = set()
     self.ignored = set()
 

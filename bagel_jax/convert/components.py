@@ -18,7 +18,7 @@ from bagel_jax.convert.bagel import TOKENIZER_FILES, read_json, save_checkpoint,
 from bagel_jax.convert.common import (ConversionError, Plan, ShardingFn, TensorSource, atomic_output_dir, cast,
                                       check_tree_shapes, claim_plan, dtype_name, flatten, materialize, plan_abstract,
                                       prefixed, target_dtype, unflatten)
-from bagel_jax.convert.flux_vae import (config_from_bfl_shapes, config_from_diffusers, flux_plan,
+from bagel_jax.convert.flux_vae import (config_from_bfl_source, config_from_diffusers, flux_plan,
                                         ignore_diffusers_extras)
 from bagel_jax.convert.qwen2 import llm_config_from_hf, llm_plan
 from bagel_jax.convert.siglip import config_from_hf as vit_config_from_hf
@@ -82,9 +82,10 @@ def siglip_part(src_dir: str, *, vit_layers: Optional[int] = None, scan_layers: 
 
 
 def flux_part(path: str, *, scale_factor: Optional[float] = None, shift_factor: Optional[float] = None,
-              num_groups: int = 32) -> Part:
-  """FLUX AE: a BFL `ae.safetensors` file (architecture from shapes) or a diffusers `AutoencoderKL` directory
-  (from its config.json)."""
+              num_groups: Optional[int] = None) -> Part:
+  """FLUX AE: a BFL `ae.safetensors` file (architecture from shapes; scale/shift/groups from the arguments, the
+  file's metadata or FLUX's) or a diffusers `AutoencoderKL` directory (all from its config.json, scale/shift
+  overridable)."""
   if os.path.isdir(path):
     hf = read_json(os.path.join(path, HF_CONFIG), "a diffusers AutoencoderKL directory holds config.json and "
                    "diffusion_pytorch_model.safetensors")
@@ -94,9 +95,7 @@ def flux_part(path: str, *, scale_factor: Optional[float] = None, shift_factor: 
     plan = flux_plan(cfg, "diffusers")
   else:
     src = safetensors_io.open_file(path)
-    cfg = config_from_bfl_shapes({k: src.shape(k) for k in src.keys()},
-                                 0.3611 if scale_factor is None else scale_factor,
-                                 0.1159 if shift_factor is None else shift_factor, num_groups)
+    cfg = config_from_bfl_source(src, scale_factor, shift_factor, num_groups)
     plan = flux_plan(cfg, "bfl")
   claim_plan(plan, src)
   src.finish()

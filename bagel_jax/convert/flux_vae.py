@@ -2,10 +2,12 @@
 
 Conversion walks our abstract parameter tree, so every parameter is read exactly once and anything left in the
 source raises. The BAGEL release ships no VAE config: `config_from_bfl_shapes` infers the architecture from
-tensor shapes alone.
+tensor shapes alone; what shapes cannot tell (latent scale/shift, GroupNorm groups) comes from flags, else from
+the metadata our `export` writes into `ae.safetensors` (`vae_metadata`), else FLUX's values.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -19,6 +21,10 @@ from bagel_jax.convert.common import (ConversionError, Plan, TensorSource, claim
                                       materialize, single)
 from bagel_jax.models.config import VAEConfig
 from bagel_jax.models.flux_vae import FluxAutoEncoder
+
+FLUX_SCALE, FLUX_SHIFT, FLUX_NUM_GROUPS = 0.3611, 0.1159, 32
+# `__metadata__` key of an exported ae.safetensors (a JSON string; loaders of the official format ignore it).
+VAE_METADATA_KEY = "bagel_jax.vae"
 
 
 def abstract_vae_params(cfg: VAEConfig) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -163,3 +169,26 @@ def config_from_bfl_shapes(shapes: Mapping[str, tuple], scale_factor: float = 0.
   return VAEConfig(ch=int(ch), ch_mult=mult, num_res_blocks=len(blocks), z_channels=int(z2) // 2,
                    in_channels=int(in_ch), out_channels=int(out_ch), scale_factor=scale_factor,
                    shift_factor=shift_factor, num_groups=num_groups)
+
+
+def vae_metadata(cfg: VAEConfig) -> Dict[str, str]:
+  """What `config_from_bfl_shapes` cannot infer, for the `__metadata__` of an exported `ae.safetensors`."""
+  return {VAE_METADATA_KEY: json.dumps(dict(scale_factor=cfg.scale_factor, shift_factor=cfg.shift_factor,
+                                            num_groups=cfg.num_groups))}
+
+
+def config_from_bfl_source(src: TensorSource, scale_factor: Optional[float] = None,
+                           shift_factor: Optional[float] = None, num_groups: Optional[int] = None) -> VAEConfig:
+  """`config_from_bfl_shapes` for a BFL file: each of scale, shift and groups from its argument, else the
+  file's `vae_metadata` (our exports), else FLUX's 0.3611 / 0.1159 / 32."""
+  stored = {}
+  if VAE_METADATA_KEY in src.metadata:
+    try:
+      stored = dict(json.loads(src.metadata[VAE_METADATA_KEY]))
+    except (TypeError, ValueError) as e:
+      raise ConversionError(f"{src.what}: unreadable {VAE_METADATA_KEY!r} metadata: {e}") from e
+  pick = lambda arg, key, default: arg if arg is not None else type(default)(stored.get(key, default))
+  return config_from_bfl_shapes({k: src.shape(k) for k in src.keys()},
+                                pick(scale_factor, "scale_factor", FLUX_SCALE),
+                                pick(shift_factor, "shift_factor", FLUX_SHIFT),
+                                pick(num_groups, "num_groups", FLUX_NUM_GROUPS))

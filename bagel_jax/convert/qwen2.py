@@ -252,8 +252,8 @@ def llm_config_to_hf(cfg: LLMConfig, base: Optional[Mapping] = None, torch_dtype
     raise ConversionError(f"layer_variant {cfg.layer_variant!r} has no official layer module")
   out = dict(_QWEN25_DEFAULTS, max_window_layers=cfg.num_layers)
   out.update(base or {})
-  out.update(torch_dtype=torch_dtype, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-             num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+  out.update(torch_dtype=torch_dtype, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
              intermediate_size=cfg.intermediate_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
              qk_norm=cfg.qk_norm, tie_word_embeddings=False, layer_module=LAYER_MODULES[cfg.layer_variant])
   if cfg.head_dim * cfg.num_heads != cfg.hidden_size or "head_dim" in out:

@@ -66,8 +66,10 @@ class SafetensorsFiles:
     self.paths = list(paths)
     self._where: Dict[str, Tuple[str, int, dict]] = {}
     self.meta: Dict[str, TensorMeta] = {}
+    self.metadata: Dict[str, str] = {}  # the files' __metadata__, merged
     for path in self.paths:
-      start, header, _ = read_header(path)
+      start, header, file_meta = read_header(path)
+      self.metadata.update(file_meta)
       for name, info in header.items():
         if name in self._where:
           raise ConversionError(f"tensor {name!r} appears in both {self._where[name][0]} and {path}")
@@ -103,7 +105,7 @@ class SafetensorsFiles:
 
   def source(self, what: Optional[str] = None) -> TensorSource:
     return TensorSource(self.meta, what=what or ", ".join(os.path.basename(p) for p in self.paths),
-                        loader=self.load)
+                        loader=self.load, metadata=self.metadata)
 
 
 def open_file(path: str, what: Optional[str] = None) -> TensorSource:

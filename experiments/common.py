@@ -131,6 +131,34 @@ def size_for_topology(c: ml_collections.ConfigDict, topology: str, *, rows_per_c
   return c
 
 
+def tiny_cpu(c: ml_collections.ConfigDict, *, variant: str = "mot", ratios=None, gen_und: float = 4.0,
+             batch_size: int = 4, seq_len: int = 512, image_size: int = 32) -> ml_collections.ConfigDict:
+  """The CPU scale of a recipe: tiny preset on the built-in synthetic data in pixel mode (the VAE runs in the
+  step). `ratios`: a Table 3 stage's category ratios (the synthetic tasks reweighted to them); otherwise the
+  synthetic mix at gen:und = `gen_und` (the ablations' 4:1)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from bagel_jax.data import config as data_config  # pylint: disable=import-outside-toplevel
+  c.model.preset = "tiny"
+  c.model.variant = variant
+  c.model.dtype = c.model.param_dtype = "float32"
+  c.model.attention_impl = "reference"
+  c.model.remat_policy = "none"
+  lat = (image_size // 8) ** 2  # tiny VAE and ViT: 8 px per token
+  c.batch.update(dict(batch_size=batch_size, seq_len=seq_len, vit_capacity=seq_len // 4,
+                      latent_capacity=seq_len // 2, image_capacity=max(4, seq_len // (2 * lat)),
+                      und_capacity=0, ce_capacity=0, vae_image_capacity=max(4, seq_len // (2 * lat)),
+                      vae_image_size=image_size))
+  if ratios is not None:
+    dc = data_config.synthetic_stage_mixture(ratios, image_size=image_size)
+  else:
+    dc = data_config.synthetic_mixture(gen_und=gen_und, image_size=image_size)
+  c.data = ml_collections.ConfigDict(dict(
+      source="synthetic", seed=int(c.seed), gen_und=dc.gen_und, image_size=image_size,
+      sources=[dataclasses.asdict(s) for s in dc.sources]))
+  c.train.update(dict(log_every=10, tensorboard=False))
+  return c
+
+
 def seven_b_batch(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
   """Per-row capacities for the 7B recipe at the stage's packing window.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].", lock_config=True)
@@ -35,6 +35,8 @@ def _main(argv):
   config = _CONFIG.value
   if config is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required")
+  if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every rename at INFO; our own progress is printed
   initialize_distributed(config.distributed)
   from bagel_jax.train import trainer  # pylint: disable=import-outside-toplevel
   trainer.train(config, _WORKDIR.value)

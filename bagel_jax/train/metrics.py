@@ -176,6 +176,8 @@ def plot_curves(jsonl_path: str, out_png: str, keys: Sequence[str] = ("loss", "c
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   rows = read_jsonl(jsonl_path)
+  # Prefer the per-log-window means (trainer.window_means) over the last step's value: smoother, same scale.
+  keys = [f"{k}_avg" if any(f"{k}_avg" in r for r in rows) else k for k in keys]
   keys = [k for k in keys if any(k in r for r in rows)]
   fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.2 * max(1, len(keys)), 3.2), squeeze=False)
   for ax, k in zip(axes[0], keys):

@@ -316,6 +316,7 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
   last: Dict[str, Any] = {}
   pending = None  # (step, metrics, batch index) of the previous step, checked after the next is dispatched
   window_flops = window_tokens = 0.0
+  window_metrics = []  # device metrics of the steps since the last log, fetched once per log
   window_t = time.time()
   step = start
   try:
@@ -333,6 +334,7 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
       if pending is not None:
         _check_finite(pending, ckpt)
       pending = (step, m, batch_index)
+      window_metrics.append(m)
       progress.tick(step)
       if step % config.train.log_every == 0 or step == total:
         _check_finite(pending, ckpt)
@@ -342,6 +344,8 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
         host["step_time_s"] = dt / (config.train.log_every if step % config.train.log_every == 0 else 1)
         host["model_tflops_per_s"] = window_flops / dt / 1e12
         host["mfu"] = flops_lib.mfu(window_flops, dt, n_dev, device_kind)
+        host.update(window_means(jax.device_get(window_metrics)))
+        window_metrics = []
         for k, v in getattr(data_iter, "stats", {}).items():
           host[f"data/{k}"] = float(v)
         writer.write_scalars(step, {k: v for k, v in host.items() if not math.isnan(v)})
@@ -371,8 +375,20 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
   if pidx == 0:
     _plot(workdir)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(dict(last, final_step=step, model=config_lib.to_dict(s.model_cfg)), f, indent=1, default=str)
+      finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in last.items()}
+      json.dump(dict(finite, final_step=step, model=config_lib.to_dict(s.model_cfg)), f, indent=1, default=str)
   return last
+
+
+def window_means(history) -> Dict[str, float]:
+  """Per-log-window means for smooth curves: CE and MSE weighted by their token counts (the loss of each step
+  is already normalised by its own counts), loss averaged over steps."""
+  out = {"loss_avg": float(np.mean([float(m["loss"]) for m in history]))}
+  for k in ("ce", "mse"):
+    n = sum(float(m[f"{k}_count"]) for m in history)
+    if n > 0:
+      out[f"{k}_avg"] = sum(float(m[k]) * float(m[f"{k}_count"]) for m in history) / n
+  return out
 
 
 def _check_finite(pending, ckpt):

@@ -10,12 +10,12 @@ def stage_config(stage: str, arg):
   common.apply_stage(c, stage, steps=arg.steps or None)
   if arg.runlocal or arg.model == "tiny":
     # The same recipe at CPU scale on the built-in synthetic data.
-    c.model.preset = "tiny"
-    c.model.variant = arg.variant
+    common.tiny_cpu(c, variant=arg.variant, ratios=common.STAGES[stage]["ratios"])
     c.train.steps = c.optim.total_steps = arg.steps or 300
     c.optim.warmup_steps = min(c.optim.warmup_steps, c.train.steps // 10)
-    c.batch.update(dict(batch_size=4, seq_len=512, vit_capacity=128, latent_capacity=256, image_capacity=16))
-    c.data.source = "synthetic"
+    c.optim.lr = max(c.optim.lr, 1e-3)  # tiny models take a larger step than 7B
+    if c.optim.ema_decay:
+      c.optim.ema_decay = 0.99  # an EMA horizon of ~100 steps suits runs of a few hundred steps
     return c
   c.model.update(dict(preset="bagel_7b", variant=arg.variant, dtype="bfloat16", attention_impl=arg.attention,
                       remat_policy=arg.remat, ce_chunk_size=4096))

@@ -164,7 +164,7 @@ def collect(runs: Sequence[Dict], root: str) -> Dict[str, List[Mapping]]:
   return groups
 
 
-def make_report(experiment: str, runs, root: str, out_dir: str, setup: str) -> str:
+def make_report(experiment: str, runs, root: str, out_dir: str, setup: str, steps: int) -> str:
   groups = collect(runs, root)
   if not groups:
     raise SystemExit(f"no finished runs under {root}")
@@ -176,6 +176,10 @@ def make_report(experiment: str, runs, root: str, out_dir: str, setup: str) -> s
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(dict(summary, runs=[dict(r) for r in runs]), f, indent=1)
   claim, verdicts = check(summary) if check else ("(no paper claim registered)", [])
+  if steps < 1000:
+    claim += (f"\n\nCaveat: these are short CPU runs ({steps} steps of a tiny model, far from converged). The paper's "
+              "curves span 10K-16K steps at 1.5B; a late-training effect (e.g. CE preferring a smaller LR) can be "
+              "masked here by faster early convergence, and small differences need more seeds or steps.")
   return report.write_report(out_dir, experiment, summary, claim, verdicts, setup)
 
 
@@ -219,7 +223,7 @@ def main(argv=None) -> int:
            f"lr {c.optim.lr:g}, CE:MSE {c.loss.ce_weight:g}:{c.loss.mse_weight:g}, data `{c.data.source}` "
            f"(gen:und {c.data.get('gen_und', 0):g} unless swept).\n\nReproduce: `python -m experiments.run "
            f"{' '.join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]) if x != '--report-only')}`")
-  path = make_report(experiment, runs, root, out_dir, setup)
+  path = make_report(experiment, runs, root, out_dir, setup, steps)
   print(f"report: {path}")
   return 0
 

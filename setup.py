@@ -43,5 +43,8 @@ setup(
         "bagel-train = bagel_jax.train.cli:main",
         "bagel-aot = bagel_jax.parallel.aot:main",
         "bagel-convert = bagel_jax.convert.cli:main",
+        "bagel-sample = bagel_jax.inference.cli:sample_main",
+        "bagel-chat = bagel_jax.inference.cli:chat_main",
+        "bagel-eval = bagel_jax.eval.run:main",
     ]},
 )

@@ -46,5 +46,6 @@ setup(
         "bagel-sample = bagel_jax.inference.cli:sample_main",
         "bagel-chat = bagel_jax.inference.cli:chat_main",
         "bagel-eval = bagel_jax.eval.run:main",
+        "bagel-emergence = bagel_jax.eval.emergence:main",
     ]},
 )

@@ -317,6 +317,7 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
   pending = None  # (step, metrics, batch index) of the previous step, checked after the next is dispatched
   window_flops = window_tokens = 0.0
   window_metrics = []  # device metrics of the steps since the last log, fetched once per log
+  tokens_seen = _tokens_seen_at(workdir, start)  # real (non-padding) tokens, all hosts; the emergence x-axis
   window_t = time.time()
   step = start
   try:
@@ -328,6 +329,7 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
       fl = flops_lib.step_flops(local, s.model_cfg)
       window_flops += fl["total"] * pcount
       window_tokens += fl["tokens"] * pcount
+      tokens_seen += fl["tokens"] * pcount
       with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         state, m = s.step_fn(state, inputs.to_global(local, s.mesh))
       step += 1
@@ -345,6 +347,7 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
         host["model_tflops_per_s"] = window_flops / dt / 1e12
         host["mfu"] = flops_lib.mfu(window_flops, dt, n_dev, device_kind)
         host.update(window_means(jax.device_get(window_metrics)))
+        host["tokens_seen"] = float(tokens_seen)
         window_metrics = []
         for k, v in getattr(data_iter, "stats", {}).items():
           host[f"data/{k}"] = float(v)
@@ -378,6 +381,18 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
       finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in last.items()}
       json.dump(dict(finite, final_step=step, model=config_lib.to_dict(s.model_cfg)), f, indent=1, default=str)
   return last
+
+
+def _tokens_seen_at(workdir: str, step: int) -> float:
+  """Tokens seen up to `step`, from the metrics log of the run being resumed (0 for a fresh run)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not step or not os.path.exists(path):
+    return 0.0
+  best = 0.0
+  for row in metrics_lib.read_jsonl(path):
+    if row.get("step", 0) <= step and "tokens_seen" in row:
+      best = max(best, float(row["tokens_seen"]))
+  return best
 
 
 def window_means(history) -> Dict[str, float]:

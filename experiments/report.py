@@ -149,6 +149,10 @@ def write_report(out_dir: str, experiment: str, summary: Mapping, claim: str,
   for lab, row in summary["final"].items():
     lines.append(f"| {lab} | {_fmt(row['ce']['mean'])} ± {_fmt(row['ce']['std'])} | "
                  f"{_fmt(row['mse']['mean'])} ± {_fmt(row['mse']['std'])} | {len(row['ce']['per_seed'])} |")
+  for key, name in (("mse", "generation MSE"), ("ce", "understanding CE")):
+    order = sorted(summary["final"], key=lambda lab: summary["final"][lab][key]["mean"])
+    lines.append("")
+    lines.append(f"Measured ordering of final {name} (lowest first): " + " < ".join(order) + ".")
   lines += ["", f"Paired differences (variant − {ref}, same seeds; two-sided paired t-test, significant at "
             "p < 0.05):", "", "| variant | ΔCE | p | ΔMSE | p |", "|---|---|---|---|---|"]
   for lab, d in summary["paired_vs_reference"].items():

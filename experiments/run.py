@@ -179,7 +179,9 @@ def make_report(experiment: str, runs, root: str, out_dir: str, setup: str, step
   if steps < 1000:
     claim += (f"\n\nCaveat: these are short CPU runs ({steps} steps of a tiny model, far from converged). The paper's "
               "curves span 10K-16K steps at 1.5B; a late-training effect (e.g. CE preferring a smaller LR) can be "
-              "masked here by faster early convergence, and small differences need more seeds or steps.")
+              "masked here by faster early convergence, and small differences need more seeds or steps. The tiny models "
+              "start from random weights (the paper starts from Qwen2.5) and their frozen VAE is randomly "
+              "initialised, so MSE is measured in a random (but fixed) latent space.")
   return report.write_report(out_dir, experiment, summary, claim, verdicts, setup)
 
 

@@ -81,7 +81,8 @@ _SCRIPT = textwrap.dedent("""
       def step(q, k, v, doc, split, mode):
         meta = (mask_lib.TokenMeta.segments(doc) if c["kind"] == "vit"
                 else mask_lib.TokenMeta.from_row(doc, split, mode))
-        loss = lambda q, k, v: attention_lib.attention(q, k, v, meta, meta, impl="pallas").astype(jnp.float32).sum()
+        loss = lambda q, k, v: attention_lib.attention(q, k, v, meta, meta, impl=c.get("impl", "pallas")).astype(
+            jnp.float32).sum()
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
       with jax.set_mesh(mesh):
@@ -175,6 +176,22 @@ def test_aot_train_v5p_4096():
 @pytest.mark.parametrize("topology,seq_len", [("v6e", 4096), ("v5p", 36864), ("v6e", 36864)])
 def test_aot_train(topology, seq_len):
   _check_train(_train_case(topology, seq_len), {"v5p": "TPU v5", "v6e": "TPU v6"}[topology])
+
+
+@pytest.mark.slow
+def test_aot_train_pure_fsdp_mesh_36864():
+  """The 7B stage configs' mesh (ici fsdp=-1, tensor=1): batch over fsdp, heads unsharded."""
+  _check_train(_train_case("v5p", 36864, batch=4, mesh=[1, 4, 1]), "TPU v5")
+
+
+@pytest.mark.slow
+def test_aot_auto_impl_picks_the_kernel_on_tpu():
+  """attention_impl="auto" lowers to the Pallas kernels for a TPU target (and only them: the dense mask of
+  the reference branch would need [B, L, L] temps)."""
+  r = _train_case("v6e", 4096, impl="auto")
+  p = _train_case("v6e", 4096)
+  _check_train(r, "TPU v6")
+  assert r["temp_bytes"] == p["temp_bytes"], (r, p)
 
 
 @pytest.mark.slow

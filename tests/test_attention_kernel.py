@@ -345,6 +345,26 @@ def test_registered_implementations():
   np.testing.assert_allclose(np.asarray(out), np.asarray(reference_attention(q, k, v, meta, meta, scale=0.3)),
                              atol=TOL)
   assert attention_lib._IMPLS["pallas"] is ops.pallas_attention  # pylint: disable=protected-access
+  # "auto" resolves per lowering platform: the reference here on CPU (the kernel for TPU: test_attention_aot)
+  auto = jax.jit(lambda q, k, v: attention_lib.attention(q, k, v, meta, meta, impl="auto", scale=0.3))(q, k, v)
+  np.testing.assert_allclose(np.asarray(auto), np.asarray(reference_attention(q, k, v, meta, meta, scale=0.3)),
+                             atol=1e-6)
+
+
+def test_assumed_tile_fraction_sets_the_cost_estimate_of_traced_metadata():
+  meta = packed_meta(19, 512)
+  q, k, v, _ = _qkv(19, 2, 512, 512, 4, 2, 128)
+  prepare = functools.partial(ops._prepare, scale=None, block_q=128, block_kv=128,  # pylint: disable=protected-access
+                              interpret=True)
+  seen = []
+  with ops.assume_tile_fraction({512: 0.25}):
+    jax.eval_shape(lambda m: seen.append(prepare(q, k, v, m, m)[0].tiles), _as_jnp(meta))
+  with ops.assume_tile_fraction({1024: 0.25}):  # another length: no assumption
+    jax.eval_shape(lambda m: seen.append(prepare(q, k, v, m, m)[0].tiles), _as_jnp(meta))
+  assert seen == [2 * 16 // 4, None]
+  with pytest.raises(ValueError, match="fraction"):
+    with ops.assume_tile_fraction(1.5):
+      jax.eval_shape(lambda m: prepare(q, k, v, m, m), _as_jnp(meta))
 
 
 def test_mesh_specs():

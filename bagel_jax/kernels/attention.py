@@ -2,6 +2,13 @@
 
 Model code calls `attention(...)` with metadata; whether the mask is materialised (reference) or evaluated
 per tile by the Pallas kernel is decided here, so models never import a kernel directly.
+
+Implementations: `reference` (jnp oracle, O(L^2) mask), `pallas` (the block-sparse TPU kernel),
+`pallas_interpret` (the same kernel under the TPU interpreter, for CPU tests) and `auto`: the Pallas kernel
+when the program is lowered for TPU and the reference otherwise. `auto` is resolved per lowering platform
+(`lax.platform_dependent`), not from the host's default backend, so an AOT compile for a TPU topology on a
+CPU host (bagel-aot) gets the kernel while the same config on CPU gets the reference; only the branch of the
+target platform is lowered.
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from bagel_jax.kernels import mask as mask_lib
 from bagel_jax.kernels.reference import reference_attention
 
 _IMPLS: Dict[str, Callable] = {"reference": reference_attention}
+DEFAULT_IMPL = "auto"
 
 
 def register(name: str, fn: Callable) -> None:
@@ -21,14 +29,28 @@ def register(name: str, fn: Callable) -> None:
 def _lazy_register(name: str) -> None:
   # The Pallas implementations register themselves on import; importing lazily keeps the reference path
   # free of Pallas/Mosaic imports.
-  if name in ("pallas", "pallas_interpret"):
+  if name in ("pallas", "pallas_interpret", "auto"):
     try:
       import bagel_jax.kernels.ops  # noqa: F401  pylint: disable=import-outside-toplevel
     except ImportError as e:  # pragma: no cover - only before the kernel exists
       raise ValueError(f"attention_impl={name!r} is unavailable: {e}") from e
 
 
-def attention(q, k, v, q_meta: mask_lib.TokenMeta, kv_meta: mask_lib.TokenMeta, *, impl: str = "reference",
+def auto_attention(q, k, v, q_meta: mask_lib.TokenMeta, kv_meta: mask_lib.TokenMeta, *, scale=None):
+  """attention_impl="auto": the Pallas kernel on TPU, the reference elsewhere (chosen at lowering)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  _lazy_register("pallas")
+  pallas = _IMPLS["pallas"]
+  return jax.lax.platform_dependent(
+      q, k, v, q_meta, kv_meta,
+      tpu=lambda *a: pallas(*a, scale=scale),
+      default=lambda *a: reference_attention(*a, scale=scale))
+
+
+_IMPLS["auto"] = auto_attention
+
+
+def attention(q, k, v, q_meta: mask_lib.TokenMeta, kv_meta: mask_lib.TokenMeta, *, impl: str = DEFAULT_IMPL,
               scale=None):
   """q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D]; metadata [B, L*] each. Returns [B, Lq, Hq, D]."""
   if impl not in _IMPLS:

@@ -13,9 +13,11 @@ equals `reference_attention` for any metadata; the packed-row layout additionall
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import Optional
+from typing import Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,35 @@ VMEM_BUDGET_BYTES = 64 * 2 ** 20
 
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
+
+
+# Cost-analysis hint for traced metadata (see `assume_tile_fraction`).
+_TILE_FRACTION: contextvars.ContextVar = contextvars.ContextVar("bagel_tile_fraction", default=None)
+
+
+@contextlib.contextmanager
+def assume_tile_fraction(fraction: Union[float, Mapping[int, float], None]):
+  """While tracing inside this context, kernels whose metadata are traced (training: the tables are built in
+  the step) give XLA cost estimates for `fraction` of their tiles instead of all of them. `fraction` is a
+  float, or {query length: float} to tell the LLM row from the ViT row. Affects `cost_analysis()` only,
+  never what the kernels compute; bagel-aot sets it to the non-empty fraction measured on a representative
+  packed row of the stage's mix, so compiled FLOPs count the attention work the kernel will actually do."""
+  token = _TILE_FRACTION.set(fraction)
+  try:
+    yield
+  finally:
+    _TILE_FRACTION.reset(token)
+
+
+def _assumed_tiles(lq: int, total_tiles: int) -> Optional[int]:
+  f = _TILE_FRACTION.get()
+  if isinstance(f, Mapping):
+    f = f.get(lq)
+  if f is None:
+    return None
+  if not 0.0 <= float(f) <= 1.0:
+    raise ValueError(f"assume_tile_fraction: fraction must be in [0, 1], got {f}")
+  return int(round(float(f) * total_tiles))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,7 +186,7 @@ def _prepare(q, k, v, q_meta, kv_meta, *, scale, block_q, block_kv, interpret):
   lqp, lkp = _round_up(lq, bq), _round_up(lk, bk)
   # Metadata known at trace time (benchmarks, AOT studies) are processed on the host with NumPy (the same
   # code), so the cost estimates count exactly the non-empty tiles; traced metadata (training) are processed
-  # in the step and the estimates assume every tile.
+  # in the step and the estimates assume every tile (or the fraction set by `assume_tile_fraction`).
   if _concrete(q_meta) and _concrete(kv_meta):
     qm, km = _pad_meta(q_meta, lqp, np), _pad_meta(kv_meta, lkp, np)
     tables = tables_lib.build_tables(qm, km, bq, bk, xp=np)
@@ -165,7 +196,7 @@ def _prepare(q, k, v, q_meta, kv_meta, *, scale, block_q, block_kv, interpret):
     qm, km = _pad_meta(q_meta, lqp, jnp), _pad_meta(kv_meta, lkp, jnp)
     tables = _build_tables(qm, km, bq, bk)
     rows = pk.encode_rows(qm, query=True), pk.encode_rows(km, query=False)
-    tiles = None
+    tiles = _assumed_tiles(lq, b * (lqp // bq) * (lkp // bk))
 
   def fuse(x, length):
     x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))

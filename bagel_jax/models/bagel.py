@@ -25,6 +25,7 @@ from bagel_jax.models.routing import Routing, take_rows
 from bagel_jax.models.siglip import SiglipViT
 
 Params = Dict[str, Any]
+_ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 def shift_timesteps(t, shift: float):
@@ -103,17 +104,22 @@ class Bagel(nn.Module):
     self.vae = FluxAutoEncoder(c.vae, **kw)
 
   # -- embeddings ------------------------------------------------------------------------------------------
+  # Each embedding output is constrained to batch sharding, as every decoder layer's input is: otherwise XLA
+  # propagates the FSDP sharding of vae2llm/connector/timestep weights (embed over fsdp) and keeps the
+  # *global* batch of latent tokens replicated per chip (21 GiB twice for the 7B PT step on v5p-256).
   def embed_vit(self, patches, pos, image_ids):
     """ViT tokens -> LLM space: SigLIP (+post-LN) -> connector -> + 2-D sin-cos of (row, col)."""
     c = self.config
     h = self.connector(self.vit(patches, pos, image_ids))
-    return h + layers.sincos_2d_at(pos, c.vit.max_patches_per_side, c.llm.hidden_size).astype(h.dtype)
+    h = h + layers.sincos_2d_at(pos, c.vit.max_patches_per_side, c.llm.hidden_size).astype(h.dtype)
+    return layers.constrain(h, _ACT)
 
   def embed_latents(self, x_t, t, pos):
     """Noised latent tokens -> LLM space: vae2llm + timestep embedding + 2-D sin-cos position."""
     c = self.config
     pos_emb = layers.sincos_2d_at(pos, c.max_latent_size, c.llm.hidden_size)
-    return self.vae2llm(x_t) + self.time_embedder(t) + pos_emb.astype(layers.dtype_of(c.dtype))
+    h = self.vae2llm(x_t) + self.time_embedder(t) + pos_emb.astype(layers.dtype_of(c.dtype))
+    return layers.constrain(h, _ACT)
 
   def embed_row(self, batch, latent_emb):
     """Assembles the packed row: text embeddings, ViT and latent embeddings in their positions."""
@@ -125,7 +131,7 @@ class Bagel(nn.Module):
       x = scatter_in_order(x, latent_emb, batch["modality"] == batch_lib.VAE)
     if self.config.freeze_und:
       x = jnp.where((batch["modality"] == batch_lib.VAE)[..., None], x, jax.lax.stop_gradient(x))
-    return x
+    return layers.constrain(x, _ACT)
 
   # -- decoder ---------------------------------------------------------------------------------------------
   def hidden_states(self, batch, latent_emb):

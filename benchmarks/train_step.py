@@ -25,7 +25,10 @@ def small_config(variant: str, seq: int = 2048):
   from experiments.tiny import random_smoke  # pylint: disable=import-outside-toplevel
   c = random_smoke.get_config(f"variant={variant},batch=1,seq={seq},steps=10")
   c.model.preset = "small"
-  c.batch.update(dict(vit_capacity=seq // 4, latent_capacity=seq // 2, image_capacity=64))
+  # NU + NL = 1.11 L as in the 7B recipe (experiments/common.seven_b_batch): MoT experts then run their
+  # matmuls over 1.11x the row's tokens, not the 1.5x of an und buffer as long as the row.
+  c.batch.update(dict(vit_capacity=seq // 4, latent_capacity=seq // 2, image_capacity=64,
+                      und_capacity=seq - seq // 2 + seq // 9))
   c.train.tensorboard = False
   return c
 

@@ -24,7 +24,7 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
-from bagel_jax.kernels.mask import CAUSAL, FULL, NOISE
+from bagel_jax.kernels.mask import CAUSAL, NOISE
 
 # modality codes
 TEXT, VIT, VAE, PAD = 0, 1, 2, 3

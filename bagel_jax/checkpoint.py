@@ -11,7 +11,6 @@ import json
 import os
 from typing import Any, Optional, Tuple
 
-import jax
 import orbax.checkpoint as ocp
 
 from bagel_jax.models import config as config_lib

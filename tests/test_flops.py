@@ -1,5 +1,4 @@
 """Model-FLOPs accounting (shared by the training logger and the AOT/MFU report)."""
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -6,7 +6,6 @@ same code path the MoT model uses.
 """
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

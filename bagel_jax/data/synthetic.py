@@ -197,10 +197,15 @@ def render_labels(scene: Scene, size: int) -> np.ndarray:
 
 
 def relations(a: Obj, b: Obj) -> set:
-  """GenEval's rule for where `a` is relative to `b`: the centre offset shrunk by 0.1 x (sum of sizes), then
-  normalised; 'left of' if dx < -0.5 (likewise right of / above / below)."""
-  offset = np.array(a.center) - np.array(b.center)
-  dims = np.array([a.size, a.size]) + np.array([b.size, b.size])
+  """GenEval's rule for where `a` is relative to `b` (see `relative_position`), with square object sizes."""
+  return relative_position(a.center, (a.size, a.size), b.center, (b.size, b.size))
+
+
+def relative_position(center_a, dims_a, center_b, dims_b) -> set:
+  """GenEval's position rule: the centre offset shrunk by 0.1 x (sum of sizes), then normalised; 'left of'
+  if dx < -0.5 (likewise right of / above / below). Shared by the data's ground truth and the checker."""
+  offset = np.asarray(center_a, np.float64) - np.asarray(center_b, np.float64)
+  dims = np.asarray(dims_a, np.float64) + np.asarray(dims_b, np.float64)
   revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
   if np.all(np.abs(revised) < 1e-3):
     return set()

@@ -33,7 +33,6 @@ from scipy import ndimage
 from bagel_jax.data import synthetic as S
 
 COLOR_NAMES = tuple(S.COLORS)
-POSITION_THRESHOLD = 0.1  # GenEval evaluate_images.py
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity: a small star's tips touch its body only diagonally
 
 
@@ -243,24 +242,8 @@ def detect(image: np.ndarray, cfg: CheckerConfig = CheckerConfig()) -> List[Dete
 
 def relative_position(a: Detection, b: Detection) -> set:
   """GenEval: position of a relative to b from box centres, offsets shrunk by 0.1 x (sum of box sizes)."""
-  ca, cb = np.array(a.center), np.array(b.center)
-  dim_a = np.array([a.box[2] - a.box[0], a.box[3] - a.box[1]])
-  dim_b = np.array([b.box[2] - b.box[0], b.box[3] - b.box[1]])
-  offset = ca - cb
-  revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
-  if np.all(np.abs(revised) < 1e-3):
-    return set()
-  dx, dy = revised / np.linalg.norm(offset)
-  rel = set()
-  if dx < -0.5:
-    rel.add("left of")
-  if dx > 0.5:
-    rel.add("right of")
-  if dy < -0.5:
-    rel.add("above")
-  if dy > 0.5:
-    rel.add("below")
-  return rel
+  dims = lambda d: (d.box[2] - d.box[0], d.box[3] - d.box[1])
+  return S.relative_position(a.center, dims(a), b.center, dims(b))
 
 
 def group_by_class(dets: Sequence[Detection]) -> Dict[str, List[Detection]]:

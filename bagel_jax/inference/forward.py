@@ -30,6 +30,7 @@ from bagel_jax.models.config import BagelConfig
 from bagel_jax.models.flux_vae import patchify_latents, unpatchify_latents
 from bagel_jax.models.qwen2 import (EMBED, ExpertLinear, ExpertRMSNorm, LMHead, SwiGLU, TopKMoE, apply_rope,
                                     expert_counts, rope_tables)
+from bagel_jax.models import qwen2
 from bagel_jax.models.routing import Routing
 
 Params = Dict[str, Any]
@@ -67,17 +68,8 @@ class CachedAttention(nn.Module):
   @nn.compact
   def __call__(self, hs, routing: Routing, cos, sin, q_meta, k_cache, v_cache, cache_meta):
     c, lc = self.config, self.config.llm
-    kw = dict(num=self.num, dtype=c.dtype, param_dtype=c.param_dtype)
-    d = (lc.hidden_size,)
-    q = ExpertLinear(in_shape=d, out_shape=(lc.num_heads, lc.head_dim), in_axes=(EMBED,),
-                     out_axes=("heads", "head_dim"), use_bias=True, name="q_proj", **kw)(hs)
-    k = ExpertLinear(in_shape=d, out_shape=(lc.num_kv_heads, lc.head_dim), in_axes=(EMBED,),
-                     out_axes=("kv_heads", "head_dim"), use_bias=True, name="k_proj", **kw)(hs)
-    v = ExpertLinear(in_shape=d, out_shape=(lc.num_kv_heads, lc.head_dim), in_axes=(EMBED,),
-                     out_axes=("kv_heads", "head_dim"), use_bias=True, name="v_proj", **kw)(hs)
-    if lc.qk_norm:
-      q = ExpertRMSNorm(self.num, lc.head_dim, "head_dim", lc.rms_norm_eps, name="q_norm")(q)
-      k = ExpertRMSNorm(self.num, lc.head_dim, "head_dim", lc.rms_norm_eps, name="k_norm")(k)
+    q, k, v = qwen2.expert_qkv(c, self.num, hs)
+    kw, d = dict(num=self.num, dtype=c.dtype, param_dtype=c.param_dtype), (lc.hidden_size,)
     q, k, v = routing.combine(q), routing.combine(k), routing.combine(v)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = cached_attention(q, k, v, q_meta, k_cache, v_cache, cache_meta, impl=c.attention_impl,

@@ -8,7 +8,7 @@ CE summed over CE positions; both normalised by their global token counts.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import flax.linen as nn
 import jax

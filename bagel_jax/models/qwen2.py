@@ -109,6 +109,24 @@ def _stop_und(xs, freeze: bool):
 # Attention and MLP blocks.
 # ----------------------------------------------------------------------------------------------------------
 
+def expert_qkv(c: BagelConfig, num: int, hs):
+  """Per-expert q/k/v projections (+ QK-RMSNorm) of the expert buffers `hs`. Called inside a compact
+  `__call__` (training `Attention`, inference `CachedAttention`), so both own the same parameter names."""
+  lc = c.llm
+  kw = dict(num=num, dtype=c.dtype, param_dtype=c.param_dtype)
+  d = (lc.hidden_size,)
+  q = ExpertLinear(in_shape=d, out_shape=(lc.num_heads, lc.head_dim), in_axes=(EMBED,),
+                   out_axes=("heads", "head_dim"), use_bias=True, name="q_proj", **kw)(hs)
+  k = ExpertLinear(in_shape=d, out_shape=(lc.num_kv_heads, lc.head_dim), in_axes=(EMBED,),
+                   out_axes=("kv_heads", "head_dim"), use_bias=True, name="k_proj", **kw)(hs)
+  v = ExpertLinear(in_shape=d, out_shape=(lc.num_kv_heads, lc.head_dim), in_axes=(EMBED,),
+                   out_axes=("kv_heads", "head_dim"), use_bias=True, name="v_proj", **kw)(hs)
+  if lc.qk_norm:
+    q = ExpertRMSNorm(num, lc.head_dim, "head_dim", lc.rms_norm_eps, name="q_norm")(q)
+    k = ExpertRMSNorm(num, lc.head_dim, "head_dim", lc.rms_norm_eps, name="k_norm")(k)
+  return q, k, v
+
+
 class Attention(nn.Module):
   config: BagelConfig
   num: int
@@ -116,17 +134,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, hs, routing: Routing, cos, sin, meta: mask_lib.TokenMeta):
     c, lc = self.config, self.config.llm
-    kw = dict(num=self.num, dtype=c.dtype, param_dtype=c.param_dtype)
-    d = (lc.hidden_size,)
-    q = ExpertLinear(in_shape=d, out_shape=(lc.num_heads, lc.head_dim), in_axes=(EMBED,),
-                     out_axes=("heads", "head_dim"), use_bias=True, name="q_proj", **kw)(hs)
-    k = ExpertLinear(in_shape=d, out_shape=(lc.num_kv_heads, lc.head_dim), in_axes=(EMBED,),
-                     out_axes=("kv_heads", "head_dim"), use_bias=True, name="k_proj", **kw)(hs)
-    v = ExpertLinear(in_shape=d, out_shape=(lc.num_kv_heads, lc.head_dim), in_axes=(EMBED,),
-                     out_axes=("kv_heads", "head_dim"), use_bias=True, name="v_proj", **kw)(hs)
-    if lc.qk_norm:
-      q = ExpertRMSNorm(self.num, lc.head_dim, "head_dim", lc.rms_norm_eps, name="q_norm")(q)
-      k = ExpertRMSNorm(self.num, lc.head_dim, "head_dim", lc.rms_norm_eps, name="k_norm")(k)
+    q, k, v = expert_qkv(c, self.num, hs)
+    kw, d = dict(num=self.num, dtype=c.dtype, param_dtype=c.param_dtype), (lc.hidden_size,)
     q, k, v = (_stop_und(t, c.freeze_und) for t in (q, k, v))
     q, k, v = routing.combine(q), routing.combine(k), routing.combine(v)
     q = layers.constrain(apply_rope(q, cos, sin), ("activation_batch", "activation_length", "activation_heads",

@@ -19,7 +19,7 @@ from typing import Dict, Mapping
 
 import numpy as np
 
-from bagel_jax.batch import PAD, VAE, VIT
+from bagel_jax.batch import PAD
 from bagel_jax.kernels.mask import NOISE
 from bagel_jax.models.config import BagelConfig
 

@@ -82,7 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
       remat_policy="none", scan_layers=True, routing="capacity", ce_chunk_size=0, freeze_und=False,
       copy_init_moe=True, max_latent_size=0, vit_layers=0,
       llm_overrides=ml_collections.ConfigDict()))  # e.g. {num_layers: 2}: AOT extrapolation, small ablations
-  c.init = ml_collections.ConfigDict(dict(checkpoint="", item="params"))
+  # init.vae: "random" (real runs load the FLUX AE via `init.checkpoint`) or "synthetic" (the tiny AE pretrained
+  # on synthetic renders, bagel_jax.train.vae_pretrain, cached); vae_steps: its pretraining steps (0: default).
+  c.init = ml_collections.ConfigDict(dict(checkpoint="", item="params", vae="random", vae_steps=0))
   c.batch = ml_collections.ConfigDict(dict(
       batch_size=8, seq_len=512, vit_capacity=128, latent_capacity=256, image_capacity=16, und_capacity=0,
       ce_capacity=0, vae_image_capacity=0, vae_image_size=0))
@@ -155,6 +157,7 @@ def tiny_cpu(c: ml_collections.ConfigDict, *, variant: str = "mot", ratios=None,
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", seed=int(c.seed), gen_und=dc.gen_und, image_size=image_size,
       sources=[dataclasses.asdict(s) for s in dc.sources]))
+  c.init.vae = "synthetic"  # a frozen random VAE decodes every generation to noise
   c.train.update(dict(log_every=10, tensorboard=False))
   return c
 

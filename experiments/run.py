@@ -164,7 +164,8 @@ def collect(runs: Sequence[Dict], root: str) -> Dict[str, List[Mapping]]:
   return groups
 
 
-def make_report(experiment: str, runs, root: str, out_dir: str, setup: str, steps: int) -> str:
+def make_report(experiment: str, runs, root: str, out_dir: str, setup: str, steps: int,
+                vae_init: str = "synthetic") -> str:
   groups = collect(runs, root)
   if not groups:
     raise SystemExit(f"no finished runs under {root}")
@@ -180,8 +181,10 @@ def make_report(experiment: str, runs, root: str, out_dir: str, setup: str, step
     claim += (f"\n\nCaveat: these are short CPU runs ({steps} steps of a tiny model, far from converged). The paper's "
               "curves span 10K-16K steps at 1.5B; a late-training effect (e.g. CE preferring a smaller LR) can be "
               "masked here by faster early convergence, and small differences need more seeds or steps. The tiny models "
-              "start from random weights (the paper starts from Qwen2.5) and their frozen VAE is randomly "
-              "initialised, so MSE is measured in a random (but fixed) latent space.")
+              "start from random weights (the paper starts from Qwen2.5). " + (
+                  "Their frozen VAE is randomly initialised, so MSE is measured in a random (but fixed) latent "
+                  "space." if vae_init == "random" else "Their frozen VAE is a tiny AE pretrained on the synthetic "
+                  "renders (init.vae=synthetic), standing in for FLUX's."))
   return report.write_report(out_dir, experiment, summary, claim, verdicts, setup)
 
 
@@ -225,7 +228,7 @@ def main(argv=None) -> int:
            f"lr {c.optim.lr:g}, CE:MSE {c.loss.ce_weight:g}:{c.loss.mse_weight:g}, data `{c.data.source}` "
            f"(gen:und {c.data.get('gen_und', 0):g} unless swept).\n\nReproduce: `python -m experiments.run "
            f"{' '.join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]) if x != '--report-only')}`")
-  path = make_report(experiment, runs, root, out_dir, setup, steps)
+  path = make_report(experiment, runs, root, out_dir, setup, steps, vae_init=str(c.init.vae))
   print(f"report: {path}")
   return 0
 

@@ -94,6 +94,13 @@ def check_schema(config, reference, prefix: str = "config") -> None:
       raise ValueError(f"{name}={got!r}: expected {type(want).__name__}, got {type(got).__name__}")
 
 
+VAE_INITS = ("random", "synthetic")
+
+
+def vae_image_size(config) -> int:
+  return int(config.batch.vae_image_size) or int(config.data.get("image_size", 0) or 0)
+
+
 def validate_config(config, n_devices: int, process_count: int, check_data: bool = True) -> None:
   from experiments.common import base_config  # pylint: disable=import-outside-toplevel
   check_schema(config, base_config())
@@ -110,6 +117,13 @@ def validate_config(config, n_devices: int, process_count: int, check_data: bool
     raise ValueError("config.loss: weights must be >= 0 and timestep_shift > 0")
   if config.train.steps < 1 or config.train.log_every < 1 or config.train.checkpoint_every < 1:
     raise ValueError("config.train.steps, log_every and checkpoint_every must be >= 1")
+  if config.init.vae not in VAE_INITS:
+    raise ValueError(f"config.init.vae={config.init.vae!r} is not one of {VAE_INITS}")
+  if config.init.vae_steps < 0:
+    raise ValueError(f"config.init.vae_steps={config.init.vae_steps} must be >= 0 (0: the default)")
+  if config.init.vae == "synthetic" and not vae_image_size(config):
+    raise ValueError("config.init.vae='synthetic' needs config.batch.vae_image_size or config.data.image_size "
+                     "(the resolution the VAE is pretrained at)")
   ici = dict(config.mesh.ici)
   dcn = dict(config.mesh.dcn)
   n_slices = int(dcn.get("data", 1))
@@ -231,10 +245,21 @@ def init_params_sharded(s: Setup, rng) -> Any:
                  out_shardings=no_vae)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     params = init(rng_model)
-  params["vae"] = jax.device_put(init_vae_params(s.model_cfg.vae, rng_vae), s.param_shardings["vae"])
+  params["vae"] = jax.device_put(initial_vae_params(s, rng_vae), s.param_shardings["vae"])
   if s.config.model.copy_init_moe and s.model_cfg.llm.num_modality_experts == 2:
     params = jax.jit(lambda p: bagel_lib.init_gen_from_und(p, s.model_cfg), out_shardings=s.param_shardings)(params)
   return params
+
+
+def initial_vae_params(s: Setup, rng) -> Any:
+  """The frozen VAE: `init.vae="random"` is a placeholder for converted FLUX weights (`init.checkpoint`);
+  "synthetic" is the tiny AE pretrained on synthetic renders (cached; a fixed seed, so every run of a sweep
+  shares one VAE, as real runs share FLUX's)."""
+  if s.config.init.vae == "synthetic":
+    from bagel_jax.train import vae_pretrain  # pylint: disable=import-outside-toplevel
+    return vae_pretrain.cached_pretrained_vae(
+        s.model_cfg.vae, vae_image_size(s.config), steps=int(s.config.init.vae_steps) or vae_pretrain.default_steps())
+  return init_vae_params(s.model_cfg.vae, rng)
 
 
 def initial_params(s: Setup) -> Any:

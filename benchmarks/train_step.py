@@ -63,10 +63,11 @@ def cpu_throughput(variant: str, steps: int):
 
 
 def tpu_estimate(variant: str, topology: str):
-  """Run in a subprocess: libtpu must not be loaded by the CPU benchmark process."""
+  """Run in a subprocess: libtpu must not be loaded by the CPU benchmark process (and takes the shared
+  libtpu lock, so it queues behind any other AOT job)."""
   code = (f"import json,sys; sys.path.insert(0,{REPO!r}); from benchmarks.train_step import small_config; "
-          f"from bagel_jax.parallel import aot; c=small_config({variant!r}); c.model.dtype='bfloat16'; "
-          f"r=aot.analyse(c,{topology!r}); print(json.dumps(dict(memory=r['memory_per_chip'], "
+          f"from bagel_jax.parallel import aot; c=small_config({variant!r}); c.model.dtype='bfloat16'\n"
+          f"with aot.libtpu_lock(): r=aot.analyse(c,{topology!r})\nprint(json.dumps(dict(memory=r['memory_per_chip'], "
           f"roofline=r['roofline'], compiled=dict(recompute_ratio=r['compiled']['recompute_ratio']), "
           f"model_flops=r['model_flops_per_step'], device_kind=r['device_kind'])))")
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}

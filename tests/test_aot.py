@@ -1,0 +1,164 @@
+"""`bagel-aot`: the train step AOT-compiles for real TPU topologies on this CPU host (libtpu, no TPU) with the
+Pallas attention, fits in HBM, and the report has its documented schema.
+
+AOT cases run `bagel-aot` in a subprocess with JAX_PLATFORMS unset, under the libtpu file lock shared with
+tests/test_attention_aot.py (only one process may load libtpu at a time: never run these concurrently).
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bagel_jax.parallel import aot
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed: AOT compilation for TPU "
+                                                          "topologies needs it (pip install 'jax[tpu]')")
+TINY = "experiments/tiny/random_smoke.py:batch=4,seq=512"
+PALLAS = ["model.attention_impl=pallas", "model.dtype=bfloat16"]
+
+
+def run_aot(tmp_path, config, topology, *flags, overrides=()):
+  out = tmp_path / "report.json"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  cmd = [sys.executable, "-m", "bagel_jax.parallel.aot", "--config", config, "--topology", topology,
+         "--out", str(out), *flags]
+  for o in list(PALLAS) + list(overrides):
+    cmd += ["--set", o]
+  r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000, check=False)
+  assert r.returncode == 0 and out.exists(), f"bagel-aot failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n" \
+                                             f"{r.stderr[-6000:]}"
+  report = json.loads(out.read_text())
+  aot.check_report(report)
+  return report, r.stdout
+
+
+def _check_fits(report, device_kind):
+  assert report["device_kind"].startswith(device_kind), report["device_kind"]
+  m = report["memory_per_chip"]
+  assert 0 < m["total_bytes"] < m["hbm_bytes"], m
+  assert report["attention"]["kernels"] == ["bagel_flash_dkv", "bagel_flash_dq", "bagel_flash_fwd"], report
+  assert report["model"]["attention_impl"] == "pallas"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# No libtpu needed.
+# ----------------------------------------------------------------------------------------------------------
+
+def test_topology_names():
+  assert aot.topology_name("v5p-256") == ("v5p", "v5p:4x4x8", 128)
+  assert aot.topology_name("v5p-128") == ("v5p", "v5p:4x4x4", 64)
+  assert aot.topology_name("v6e-256") == ("v6e", "v6e:16x16", 256)
+  assert aot.topology_name("v5e-16") == ("v5e", "v5e:4x4", 16)
+  assert aot.topology_name("v5p:2x2x1") == ("v5p", "v5p:2x2x1", 4)
+  with pytest.raises(ValueError, match="topology"):
+    aot.topology_name("v7x-9")
+
+
+def test_collective_bytes_reads_tpu_hlo():
+  hlo = "\n".join([
+      "%all-reduce-scatter.1.clone (input.18: bf16[64,2,16]) -> bf16[16,2,16] {",
+      "  %all-reduce.5 = bf16[64,2,16]{2,1,0} all-reduce(%input.18), channel_id=1, to_apply=%add",
+      "}",
+      "ENTRY %main (p: bf16[8,64]) -> f32[] {",
+      "  %all-gather.708 = bf16[32,64]{1,0:T(8,128)(2,1)} all-gather(%param_0.8633), dimensions={0}",
+      "  %all-reduce.356 = (f32[64]{0}, f32[64]{0}) all-reduce(%a, %b), channel_id=416",
+      "  %collective-permute-start.1 = (f32[4]{0}, f32[4]{0}) collective-permute-start(%x), channel_id=2",
+      "  ROOT %r = f32[] constant(0)",
+      "}",
+  ])
+  got = aot.collective_bytes(hlo)
+  assert got == {"reduce-scatter": 64 * 2 * 16 * 2, "all-gather": 32 * 64 * 2, "all-reduce": 2 * 64 * 4,
+                 "collective-permute": 16}
+  assert aot.collective_traffic(got) == got["reduce-scatter"] + got["all-gather"] + 2 * got["all-reduce"] + 16
+
+
+def test_representative_row_follows_the_stage_mix():
+  from bagel_jax.train import trainer
+  config = aot.load_config("experiments/bagel_7b/pretrain.py:variant=mot,topology=v5p-256")
+  model_cfg = trainer.build_model_config(config)
+  row = aot.representative_row(config, model_cfg)
+  assert row["document"].shape == (1, config.batch.seq_len)
+  assert (row["document"] > 0).mean() > 0.9  # packed nearly full
+  fractions = aot.tile_fractions(row, model_cfg)
+  assert set(fractions) == {config.batch.seq_len, config.batch.vit_capacity}
+  assert all(0 < f < 0.5 for f in fractions.values()), fractions  # block-sparse: most tiles are empty
+
+
+def test_report_schema_check():
+  report = {k: 0 for k in aot.REPORT_KEYS}
+  report["memory_per_chip"] = {k: 0 for k in aot.MEMORY_KEYS}
+  aot.check_report(report)
+  del report["memory_per_chip"]["total_bytes"]
+  with pytest.raises(ValueError, match="memory_per_chip.total_bytes"):
+    aot.check_report(report)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# libtpu AOT compiles.
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.aot
+@pytest.mark.slow
+@pytest.mark.smoke
+@needs_libtpu
+def test_tiny_train_step_compiles_for_v5p(tmp_path):
+  """The default-run representative: the tiny preset's real train step (Pallas attention in the LLM and the
+  ViT, MoT routing, Adam, EMA) for a v5p 2x2x1 slice, memory only."""
+  report, stdout = run_aot(tmp_path, TINY, "v5p:2x2x1", "--no_extrapolate")
+  _check_fits(report, "TPU v5")
+  assert "GiB/chip" in stdout
+  assert report["largest_tensors"] and "sharding" in report["largest_tensors"][0]
+
+
+@pytest.mark.aot
+@pytest.mark.slow
+@needs_libtpu
+@pytest.mark.parametrize("preset,topology,kind", [("tiny", "v6e:2x2", "TPU v6"), ("small", "v5p:2x2x1", "TPU v5"),
+                                                  ("small", "v6e:2x2", "TPU v6")])
+def test_train_step_compiles_with_full_report(tmp_path, preset, topology, kind):
+  overrides = [] if preset == "tiny" else [
+      "model.preset=small", "batch.seq_len=2048", "batch.vit_capacity=512", "batch.latent_capacity=1024",
+      "batch.image_capacity=64"]
+  report, _ = run_aot(tmp_path, TINY, topology, overrides=overrides)
+  _check_fits(report, kind)
+  rl, comp = report["roofline"], report["compiled"]
+  assert 0 < rl["mfu_estimate_exposed"] <= rl["mfu_estimate_overlapped"] < 1, rl
+  assert comp["per_llm_layer"]["flops"] > 0 and comp["per_vit_layer"]["flops"] > 0, comp
+  if preset == "small":
+    # compiled >= model FLOPs; the excess is the kernel's backward recompute, tile granularity (512 x 512) and
+    # head_dim 64 padded to 128 lanes. (The tiny preset's 16-wide heads and 1-tile rows inflate it ~20x.)
+    assert 1.0 < comp["recompute_ratio"] < 3.0, comp
+
+
+@pytest.mark.aot
+@pytest.mark.slow
+@needs_libtpu
+def test_extrapolation_matches_an_unrolled_compile(tmp_path):
+  """Cross-check of the 1/2-layer extrapolation: for the small preset with every layer unrolled (no loops,
+  so XLA's cost analysis is exact) the extrapolated FLOPs and bytes equal XLA's totals within 2%."""
+  overrides = ["model.preset=small", "model.scan_layers=False", "model.ce_chunk_size=0", "batch.seq_len=1024",
+               "batch.vit_capacity=256", "batch.latent_capacity=512", "batch.image_capacity=32"]
+  report, _ = run_aot(tmp_path, TINY, "v5p:2x2x1", overrides=overrides)
+  raw, comp = report["xla_cost_analysis_raw"], report["compiled"]
+  assert comp["flops_per_chip"] == pytest.approx(raw["flops"], rel=0.02), (raw, comp)
+  assert comp["bytes_per_chip"] == pytest.approx(raw["bytes"], rel=0.05), (raw, comp)
+
+
+@pytest.mark.aot
+@pytest.mark.slow
+@needs_libtpu
+def test_inference_steps_compile(tmp_path):
+  report, _ = run_aot(tmp_path, TINY, "v5p:2x2x1", "--no_extrapolate", "--inference")
+  inf = report["inference"]
+  for step in ("denoise_step", "decode_step"):
+    assert inf[step]["memory_per_chip"]["fraction_of_hbm"] < 1, inf[step]
+    assert inf[step]["roofline"]["step_seconds"] > 0, inf[step]
+  assert inf["denoise_step"]["kernels"] == ["bagel_flash_fwd"]
+  assert inf["decode_step"]["kernels"] == ["bagel_flash_fwd"]

@@ -64,9 +64,10 @@ def cpu_throughput(variant: str, steps: int):
 
 def tpu_estimate(variant: str, topology: str):
   """Run in a subprocess: libtpu must not be loaded by the CPU benchmark process (and takes the shared
-  libtpu lock, so it queues behind any other AOT job)."""
+  libtpu lock, so it queues behind any other AOT job). One row per chip: per-chip work equals the CPU row's."""
   code = (f"import json,sys; sys.path.insert(0,{REPO!r}); from benchmarks.train_step import small_config; "
-          f"from bagel_jax.parallel import aot; c=small_config({variant!r}); c.model.dtype='bfloat16'\n"
+          f"from bagel_jax.parallel import aot; c=small_config({variant!r}); c.model.dtype='bfloat16'; "
+          f"c.batch.batch_size=aot.topology_name({topology!r})[2]\n"
           f"with aot.libtpu_lock(): r=aot.analyse(c,{topology!r})\nprint(json.dumps(dict(memory=r['memory_per_chip'], "
           f"roofline=r['roofline'], compiled=dict(recompute_ratio=r['compiled']['recompute_ratio']), "
           f"model_flops=r['model_flops_per_step'], device_kind=r['device_kind'])))")
@@ -83,11 +84,18 @@ def main():
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--topology", default="v5p:2x2x1")
   ap.add_argument("--no_aot", action="store_true")
+  ap.add_argument("--aot_only", action="store_true", help="keep the CPU rows of the existing results file")
   args = ap.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  rows = [cpu_throughput(v, args.steps) for v in ("dense", "mot")]
-  result = dict(host=dict(machine=platform.machine(), cpus=os.cpu_count()), preset="small", seq_len=2048,
-                cpu=rows, mot_over_dense_step_time=rows[1]["median_step_s"] / rows[0]["median_step_s"])
+  path = os.path.join(HERE, "results", "train_step.json")
+  if args.aot_only:
+    with open(path) as f:
+      result = json.load(f)
+    rows = result["cpu"]
+  else:
+    rows = [cpu_throughput(v, args.steps) for v in ("dense", "mot")]
+    result = dict(host=dict(machine=platform.machine(), cpus=os.cpu_count()), preset="small", seq_len=2048,
+                  cpu=rows, mot_over_dense_step_time=rows[1]["median_step_s"] / rows[0]["median_step_s"])
   if not args.no_aot:
     result["tpu_aot_estimate"] = {v: tpu_estimate(v, args.topology) for v in ("dense", "mot")}
     result["tpu_aot_estimate"]["topology"] = args.topology
@@ -99,7 +107,7 @@ def main():
           f"{r['tokens_per_s']:8.0f} {mfu:13.1%}")
   print(f"MoT / dense step time on this CPU: {result['mot_over_dense_step_time']:.2f}x (same active FLOPs)")
   os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-  with open(os.path.join(HERE, "results", "train_step.json"), "w") as f:
+  with open(path, "w") as f:
     json.dump(result, f, indent=1, default=float)
 
 

@@ -28,7 +28,7 @@ from bagel_jax.models import layers
 from bagel_jax.models.bagel import Bagel, scatter_in_order
 from bagel_jax.models.config import BagelConfig
 from bagel_jax.models.flux_vae import patchify_latents, unpatchify_latents
-from bagel_jax.models.qwen2 import (EMBED, ExpertLinear, ExpertRMSNorm, LMHead, SwiGLU, TopKMoE, apply_rope,
+from bagel_jax.models.qwen2 import (EMBED, ExpertRMSNorm, LMHead, apply_rope,
                                     expert_counts, rope_tables)
 from bagel_jax.models import qwen2
 from bagel_jax.models.routing import Routing
@@ -69,14 +69,11 @@ class CachedAttention(nn.Module):
   def __call__(self, hs, routing: Routing, cos, sin, q_meta, k_cache, v_cache, cache_meta):
     c, lc = self.config, self.config.llm
     q, k, v = qwen2.expert_qkv(c, self.num, hs)
-    kw, d = dict(num=self.num, dtype=c.dtype, param_dtype=c.param_dtype), (lc.hidden_size,)
     q, k, v = routing.combine(q), routing.combine(k), routing.combine(v)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = cached_attention(q, k, v, q_meta, k_cache, v_cache, cache_meta, impl=c.attention_impl,
                            scale=1.0 / math.sqrt(lc.head_dim))
-    o = ExpertLinear(in_shape=(lc.num_heads, lc.head_dim), out_shape=d, in_axes=("heads", "head_dim"),
-                     out_axes=(EMBED,), use_bias=False, name="o_proj", **kw)(routing.dispatch(out, self.num))
-    return o, k, v
+    return qwen2.expert_o_proj(c, self.num, routing, out), k, v
 
 
 class CachedDecoderLayer(nn.Module):
@@ -92,17 +89,7 @@ class CachedDecoderLayer(nn.Module):
     o, k, v = CachedAttention(c, n["attn"], name="self_attn")(hs, routing, cos, sin, q_meta, k_cache, v_cache,
                                                              cache_meta)
     x = x + routing.combine(o)
-    if lc.layer_variant == "moe_topk":
-      h = ExpertRMSNorm(1, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")([x])[0]
-      y, _ = TopKMoE(c, name="mlp")(h, q_meta.document > 0)
-    else:
-      if n["attn"] == 2:
-        hs = ExpertRMSNorm(2, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")(
-            routing.dispatch(x, 2))
-      else:
-        h = ExpertRMSNorm(1, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")([x])[0]
-        hs = routing.dispatch(h, n["mlp"])
-      y = routing.combine(SwiGLU(c, n["mlp"], name="mlp")(hs))
+    y, _ = qwen2.post_attention_mlp(c, x, routing, q_meta.document > 0)
     return x + y, k, v
 
 

@@ -127,6 +127,14 @@ def expert_qkv(c: BagelConfig, num: int, hs):
   return q, k, v
 
 
+def expert_o_proj(c: BagelConfig, num: int, routing: Routing, out):
+  """The attention output projection of each expert over its dispatched rows (inside a compact `__call__`)."""
+  lc = c.llm
+  return ExpertLinear(in_shape=(lc.num_heads, lc.head_dim), out_shape=(lc.hidden_size,),
+                      in_axes=("heads", "head_dim"), out_axes=(EMBED,), use_bias=False, name="o_proj", num=num,
+                      dtype=c.dtype, param_dtype=c.param_dtype)(routing.dispatch(out, num))
+
+
 class Attention(nn.Module):
   config: BagelConfig
   num: int
@@ -135,7 +143,6 @@ class Attention(nn.Module):
   def __call__(self, hs, routing: Routing, cos, sin, meta: mask_lib.TokenMeta):
     c, lc = self.config, self.config.llm
     q, k, v = expert_qkv(c, self.num, hs)
-    kw, d = dict(num=self.num, dtype=c.dtype, param_dtype=c.param_dtype), (lc.hidden_size,)
     q, k, v = (_stop_und(t, c.freeze_und) for t in (q, k, v))
     q, k, v = routing.combine(q), routing.combine(k), routing.combine(v)
     q = layers.constrain(apply_rope(q, cos, sin), ("activation_batch", "activation_length", "activation_heads",
@@ -146,9 +153,7 @@ class Attention(nn.Module):
     out = attention_lib.attention(q, k, v, meta, meta, impl=c.attention_impl,
                                   scale=1.0 / math.sqrt(lc.head_dim))
     out = checkpoint_name(out, "attn_out")
-    o = ExpertLinear(in_shape=(lc.num_heads, lc.head_dim), out_shape=d, in_axes=("heads", "head_dim"),
-                     out_axes=(EMBED,), use_bias=False, name="o_proj", **kw)(routing.dispatch(out, self.num))
-    return _stop_und(o, c.freeze_und)
+    return _stop_und(expert_o_proj(c, self.num, routing, out), c.freeze_und)
 
 
 class SwiGLU(nn.Module):
@@ -224,6 +229,23 @@ class TopKMoE(nn.Module):
 # Decoder layer and stack.
 # ----------------------------------------------------------------------------------------------------------
 
+def post_attention_mlp(c: BagelConfig, x, routing: Routing, valid):
+  """The layer's second half, post-attention norm then MLP, per layer variant (inside a compact `__call__`, so
+  training and cached decoding own the same parameters). Returns (y, aux losses); `valid`: non-padding tokens."""
+  lc = c.llm
+  n = expert_counts(lc.layer_variant)
+  if lc.layer_variant == "moe_topk":
+    h = ExpertRMSNorm(1, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")([x])[0]
+    return TopKMoE(c, name="mlp")(h, valid)
+  if n["attn"] == 2:   # mot: routed norm, routed MLP
+    hs = ExpertRMSNorm(2, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")(
+        routing.dispatch(x, 2))
+  else:                # dense / moe: shared norm, then (moe) routed MLP
+    h = ExpertRMSNorm(1, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")([x])[0]
+    hs = routing.dispatch(h, n["mlp"])
+  return routing.combine(_stop_und(SwiGLU(c, n["mlp"], name="mlp")(hs), c.freeze_und)), {}
+
+
 class DecoderLayer(nn.Module):
   config: BagelConfig
 
@@ -238,18 +260,7 @@ class DecoderLayer(nn.Module):
     o = Attention(c, n["attn"], name="self_attn")(hs, routing, cos, sin, meta)
     x = x + routing.combine(o)
 
-    aux = {}
-    if lc.layer_variant == "moe_topk":
-      h = ExpertRMSNorm(1, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")([x])[0]
-      y, aux = TopKMoE(c, name="mlp")(h, meta.document > 0)
-    else:
-      if n["attn"] == 2:   # mot: routed norm, routed MLP
-        hs = ExpertRMSNorm(2, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")(
-            routing.dispatch(x, 2))
-      else:                # dense / moe: shared norm, then (moe) routed MLP
-        h = ExpertRMSNorm(1, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")([x])[0]
-        hs = routing.dispatch(h, n["mlp"])
-      y = routing.combine(_stop_und(SwiGLU(c, n["mlp"], name="mlp")(hs), c.freeze_und))
+    y, aux = post_attention_mlp(c, x, routing, meta.document > 0)
     y = checkpoint_name(y, "mlp_out")
     return layers.constrain(x + y, act_axes), aux
 

@@ -19,7 +19,6 @@ from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

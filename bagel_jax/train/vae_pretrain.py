@@ -42,18 +42,18 @@ RECIPE_VERSION = 1  # part of the cache key: bump when the recipe below changes
 # variance 0.245, and the GenEval-style checker passes 87% of reconstructed t2i scenes (2000 steps: 0.0036 / 66%,
 # 1000: 0.010 / 37%, 600 at lr 2e-3: 0.031 / 3%); fewer steps leave shapes too blurred to be scored.
 DEFAULT_STEPS = 3000
-
-
-def default_steps() -> int:
-  """DEFAULT_STEPS, or $BAGEL_JAX_VAE_STEPS: the default test run pretrains briefly (tests/conftest.py) so a
-  fresh CI machine does not pay the full ~9-minute pretraining."""
-  return int(os.environ.get("BAGEL_JAX_VAE_STEPS") or DEFAULT_STEPS)
 DEFAULT_BATCH = 16
 LR = 5e-3
 STAT_WEIGHT = 0.1
 PINNED_LOGVAR = -10.0
 POOL = 4096  # distinct training renders (the tiny AE does not overfit this many)
 TASKS = ("t2i", "edit", "video", "words")  # the images the VAE sees in training: every generation task's renders
+
+
+def default_steps() -> int:
+  """DEFAULT_STEPS, or $BAGEL_JAX_VAE_STEPS: the default test run pretrains briefly (tests/conftest.py) so a
+  fresh CI machine does not pay the full ~9-minute pretraining."""
+  return int(os.environ.get("BAGEL_JAX_VAE_STEPS") or DEFAULT_STEPS)
 
 
 def synthetic_images(n: int, image_size: int, seed: int = 0, split: str = "train") -> np.ndarray:

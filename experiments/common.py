@@ -6,6 +6,7 @@ overridable with `--config.optim.lr=3e-4`. Stage differences are data (Table 3 b
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict
 
 import ml_collections
@@ -130,6 +131,21 @@ def size_for_topology(c: ml_collections.ConfigDict, topology: str, *, rows_per_c
     raise ValueError(f"unknown topology {topology!r}; known: {sorted(TOPOLOGY_CHIPS)}")
   c.topology = topology
   c.batch.batch_size = TOPOLOGY_CHIPS[topology] * rows_per_chip
+  return c
+
+
+def fsdp_ici(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """FSDP over the largest group of the slice's chips that divides every width the rules shard (`embed`: the
+  LLM's hidden size, `vit_embed`: SigLIP's); the rest of the slice is data parallel.
+
+  7B on v6e-256: gcd(3,584, 1,152) = 128, so fsdp 128 x data 2. FSDP over all 256 chips cannot split 1,152
+  and would leave the ViT with its Adam and EMA copies on every chip (7.6 instead of ~1.9 GiB of arguments per
+  chip, the first v6e compile in docs/tpu_aot.md)."""
+  from bagel_jax.models import config as model_config  # pylint: disable=import-outside-toplevel
+  chips = TOPOLOGY_CHIPS[c.topology]
+  m = model_config.get_preset(c.model.preset, c.model.variant)
+  group = math.gcd(chips, math.gcd(m.llm.hidden_size, m.vit.hidden_size))
+  c.mesh.ici.update(dict(data=chips // group, fsdp=group, tensor=1))
   return c
 
 

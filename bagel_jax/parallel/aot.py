@@ -398,6 +398,7 @@ def analyse(config, topology: str, num_slices: int = 1, extrapolate: bool = True
                            fits_with_headroom=mem["total_bytes"] <= HEADROOM_TARGET * chip["hbm"]),
       attention=dict(kernels=_kernels(text), tile_fraction_assumed=fractions),
       largest_tensors=_largest(s),
+      sharding_shortfalls=_shortfalls(s),
   )
   row_flops = flops_lib.step_flops(row, s.model_cfg)
   model_flops = row_flops["total"] * s.spec.batch_size
@@ -510,6 +511,18 @@ def _largest(s, n: int = 8):
                     sharding=str(a.sharding.spec), per_chip_shape=list(shard),
                     per_chip_bytes=int(np.prod(shard)) * a.dtype.itemsize))
   return out
+
+
+def _shortfalls(s, n: int = 5) -> Dict[str, Any]:
+  """Parameters the rules wanted sharded further than the mesh divides (see rules.sharding_shortfalls); their
+  optimizer and EMA copies follow the parameter's sharding, so the state pays the extra several times."""
+  from bagel_jax.models import bagel as bagel_lib  # pylint: disable=import-outside-toplevel
+  from bagel_jax.parallel import rules as rules_lib  # pylint: disable=import-outside-toplevel
+  rows = rules_lib.sharding_shortfalls(bagel_lib.param_logical_axes(s.model_cfg), s.abstract_state.params,
+                                       s.mesh, s.rules)
+  return dict(count=len(rows), extra_param_bytes_per_chip=int(sum(r[-1] for r in rows)),
+              largest=[dict(path=p, shape=list(shape), wanted=str(w), got=str(g), extra_bytes_per_chip=int(b))
+                       for p, shape, w, g, b in rows[:n]])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("dcn_data", "data", "fsdp", "tensor", "expert", "sequence")
@@ -95,26 +96,56 @@ def _restrict(spec: P, mesh: Mesh) -> P:
 
 
 def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """Replicates any dimension the assigned mesh axes do not divide (e.g. 4 KV heads over tensor=8)."""
+  """Shards each dimension over the longest prefix of its mesh axes that divides it (e.g. embed over
+  ('fsdp', 'tensor') falls back to 'fsdp' alone); replicates it when not even the first axis divides (4 KV
+  heads over tensor=8). What was given up is reported by `sharding_shortfalls`, never silently."""
   out = []
   for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    if entry is None:
-      out.append(None)
-      continue
-    names = (entry,) if isinstance(entry, str) else tuple(entry)
-    size = 1
-    for n in names:
-      size *= mesh.shape[n]
-    out.append(entry if dim % size == 0 else None)
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    while names and dim % _axes_size(names, mesh):
+      names = names[:-1]
+    out.append(None if not names else names[0] if len(names) == 1 else names)
   return P(*out)
+
+
+def _axes_size(names: Sequence[str], mesh: Mesh) -> int:
+  size = 1
+  for n in names:
+    size *= mesh.shape[n]
+  return size
+
+
+def _mesh_spec(spec: P, shape: Sequence[int], mesh: Mesh, rules: Rules) -> Tuple[P, P]:
+  wanted = _restrict(nn.logical_to_mesh_axes(tuple(spec), rules), mesh)
+  return wanted, _fit(wanted, shape, mesh)
+
+
+def _spec_ways(spec: P, mesh: Mesh) -> int:
+  return _axes_size([n for e in spec if e is not None for n in ((e,) if isinstance(e, str) else e)], mesh)
+
+
+def sharding_shortfalls(logical_specs, abstract_tree, mesh: Mesh, rules: Rules):
+  """Arrays sharded fewer ways than their rules ask because a dimension is not divisible by its mesh axes.
+
+  The classic case: FSDP over a 256-chip v6e slice cannot split SigLIP's 1,152-wide dimensions, so the whole
+  ViT (and its Adam and EMA copies) would sit on every chip. Returns [(path, shape, wanted, got, extra bytes per
+  chip)] largest first, for the AOT report and the trainer's log; `experiments.common.fsdp_ici` sizes the FSDP
+  group so the 7B and 1.5B models have none."""
+  out = []
+  flat = jax.tree_util.tree_flatten_with_path(logical_specs, is_leaf=lambda x: isinstance(x, P))[0]
+  for (path, spec), leaf in zip(flat, jax.tree.leaves(abstract_tree)):
+    wanted, got = _mesh_spec(spec, leaf.shape, mesh, rules)
+    w, g = _spec_ways(wanted, mesh), _spec_ways(got, mesh)
+    if g < w:
+      size = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+      out.append((jax.tree_util.keystr(path), tuple(leaf.shape), wanted, got, size // g - size // w))
+  return sorted(out, key=lambda r: -r[-1])
 
 
 def logical_to_sharding(logical_specs, abstract_tree, mesh: Mesh, rules: Rules):
   """Tree of logical PartitionSpecs (+ shapes) -> tree of NamedShardings on `mesh`."""
   def one(spec, leaf):
-    mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules)
-    mesh_spec = _fit(_restrict(mesh_spec, mesh), leaf.shape, mesh)
-    return NamedSharding(mesh, mesh_spec)
+    return NamedSharding(mesh, _mesh_spec(spec, leaf.shape, mesh, rules)[1])
   return jax.tree.map(one, logical_specs, abstract_tree, is_leaf=lambda x: isinstance(x, P))
 
 

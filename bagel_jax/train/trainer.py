@@ -215,6 +215,11 @@ def make_setup(config, devices=None, check_data: bool = True) -> Setup:
   abstract_params = bagel_lib.abstract_params(model_cfg)
   logical = bagel_lib.param_logical_axes(model_cfg)
   param_shardings = rules_lib.logical_to_sharding(logical, abstract_params, mesh, rules)
+  shortfalls = rules_lib.sharding_shortfalls(logical, abstract_params, mesh, rules)
+  if shortfalls:
+    log.warning("%d parameter arrays are sharded fewer ways than config.mesh.rules=%r asks (a dimension the mesh "
+                "axes do not divide): %.1f MiB more per device, largest %s %s wanted %s got %s",
+                len(shortfalls), config.mesh.rules, sum(r[-1] for r in shortfalls) / 2**20, *shortfalls[0][:4])
   optim = config.optim
   tx, schedule, mask = opt_lib.make_optimizer(optim, abstract_params)
   ema = optim.ema_decay > 0

@@ -37,6 +37,7 @@ def ablation_config(name: str, arg, *, variant: str = "mot", gen_und: float = 4.
                         und_capacity=size["seq"] // 3 + size["seq"] // 9, ce_capacity=size["seq"] // 4,
                         image_capacity=64))
     common.size_for_topology(c, arg.topology)
+    common.fsdp_ici(c)
     c.data = common.ml_collections.ConfigDict(dict(source="pipeline", seed=arg.seed, gen_und=arg.gen_und))
     c.train.checkpoint_every = 1000
   c.data.seed = arg.seed

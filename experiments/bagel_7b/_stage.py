@@ -22,7 +22,7 @@ def stage_config(stage: str, arg):
   common.seven_b_batch(c, stage)
   common.size_for_topology(c, arg.topology)
   c.batch.batch_size *= arg.slices
-  c.mesh.ici.update(dict(data=1, fsdp=-1, tensor=1))
+  common.fsdp_ici(c)
   c.mesh.dcn.data = arg.slices  # multi-slice: data parallel across slices over DCN, FSDP inside each slice
   c.data.source = "pipeline"
   c.train.checkpoint_every = 1000

@@ -1,0 +1,49 @@
+"""Where parameters live: the rules' divisibility fallback, its report, and the FSDP group the configs choose."""
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from bagel_jax.models import bagel as bagel_lib
+from bagel_jax.models import config as model_config
+from bagel_jax.parallel import mesh as mesh_lib
+from bagel_jax.parallel import rules as rules_lib
+from experiments.ablation import mot as ablation_mot
+from experiments.bagel_7b import pretrain
+
+
+def _mesh(**sizes):
+  return AbstractMesh(tuple(sizes.get(a, 1) for a in rules_lib.MESH_AXES), rules_lib.MESH_AXES)
+
+
+def test_fit_keeps_the_longest_dividing_prefix_of_axes():
+  mesh = _mesh(fsdp=4, tensor=2)
+  assert rules_lib._fit(P(("fsdp", "tensor"), None), (16, 3), mesh) == P(("fsdp", "tensor"), None)
+  assert rules_lib._fit(P(("fsdp", "tensor"), None), (12, 3), mesh) == P("fsdp", None)
+  assert rules_lib._fit(P("tensor", "fsdp"), (3, 6), mesh) == P(None, None)
+
+
+def _shortfalls(preset, ici):
+  cfg = model_config.get_preset(preset, "mot")
+  mesh = _mesh(**ici)
+  rules = rules_lib.rules_for_mesh(rules_lib.get_rules("default"), mesh)
+  return rules_lib.sharding_shortfalls(bagel_lib.param_logical_axes(cfg), bagel_lib.abstract_params(cfg), mesh,
+                                       rules)
+
+
+def test_fsdp_over_256_chips_leaves_the_vit_replicated_and_the_report_says_so():
+  rows = _shortfalls("bagel_7b", dict(fsdp=256))
+  # SigLIP's 1,152-wide weights (and the connector's input side): ~0.4B fp32 parameters on every chip
+  assert rows and all(path.startswith(("['vit']", "['connector']")) for path, *_ in rows)
+  assert 1.4 * 2**30 < sum(r[-1] for r in rows) < 2.0 * 2**30
+  assert rows[0][3] != rows[0][2]  # wanted vs got
+
+
+@pytest.mark.parametrize("config_module,arg,data,fsdp", [
+    (pretrain, "topology=v6e-256", 2, 128),  # gcd(256, 3584, 1152) = 128
+    (pretrain, "topology=v5p-256", 1, 128),  # 128 chips
+    (ablation_mot, "size=1.5b,topology=v6e-256", 2, 128),  # gcd(256, 1536, 1152) = 128
+])
+def test_pod_configs_pick_an_fsdp_group_with_no_shortfall(config_module, arg, data, fsdp):
+  c = config_module.get_config(arg)
+  assert (c.mesh.ici.data, c.mesh.ici.fsdp) == (data, fsdp)
+  sizes = mesh_lib.resolve_axes(dict(c.mesh.ici), data * fsdp, "ici")
+  assert _shortfalls(c.model.preset, sizes) == []

@@ -180,7 +180,7 @@ def test_aot_train(topology, seq_len):
 
 @pytest.mark.slow
 def test_aot_train_pure_fsdp_mesh_36864():
-  """The 7B stage configs' mesh (ici fsdp=-1, tensor=1): batch over fsdp, heads unsharded."""
+  """The 7B stage configs' mesh (FSDP x data, tensor=1): batch over fsdp, heads unsharded."""
   _check_train(_train_case("v5p", 36864, batch=4, mesh=[1, 4, 1]), "TPU v5")
 
 

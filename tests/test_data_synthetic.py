@@ -93,11 +93,12 @@ def test_vqa_answers_are_exact():
         assert a == ("yes" if asked in S.relations(a0, b0) else "no")
 
 
-@pytest.mark.parametrize("op", S.EDIT_OPS)
-def test_edits_change_only_the_edited_object(op):
+@pytest.mark.parametrize("op,triple", [(op, S.edit_triple) for op in S.EDIT_OPS] +
+                         [(op, S.reason_edit_triple) for op in S.REASON_EDIT_OPS])
+def test_edits_change_only_the_edited_object(op, triple):
   rng = np.random.default_rng(2)
   for _ in range(20):
-    src, tgt, instr, rec = S.edit_triple(rng, op)
+    src, tgt, instr, rec = triple(rng, op)
     a, b = S.render(src, 32), S.render(tgt, 32)
     la, lb = S.render_labels(src, 32), S.render_labels(tgt, 32)
     i = rec["index"]
@@ -114,6 +115,17 @@ def test_edits_change_only_the_edited_object(op):
     if op == "move":
       d = np.subtract(tgt.objects[i].center, src.objects[i].center)
       assert np.allclose(d, np.multiply(S.DIRECTIONS[rec["direction"]], 0.3))
+
+
+def test_reasoning_edits_name_the_object_only_by_its_relation():
+  rng = np.random.default_rng(5)
+  for _ in range(40):
+    op = S.REASON_EDIT_OPS[int(rng.integers(len(S.REASON_EDIT_OPS)))]
+    src, tgt, instr, rec = S.reason_edit_triple(rng, op)
+    a, b = src.objects
+    rel = next(r for r in S.RELATIONS if f"the object {r} the {b.color} {b.shape}" in instr)
+    assert rec["index"] == 0 and rel in S.relations(a, b) and rel not in S.relations(b, a)
+    assert f"{a.color} {a.shape}" not in instr  # the edited object is never named by its attributes
 
 
 def test_motion_is_constant_velocity_and_inside():

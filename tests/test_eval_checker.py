@@ -59,8 +59,9 @@ def test_detections_match_the_scene(cases):
     assert sorted(d.name for d in dets) == want, (c["prompt"], [d.name for d in dets])
 
 
-def test_edit_checker():
-  src = S.SyntheticSource("edit", "test", N, SIZE)
+@pytest.mark.parametrize("task", ["edit", "reason_edit"])
+def test_edit_checker(task):
+  src = S.SyntheticSource(task, "test", N, SIZE)
   ok, copy, noise, err = [], [], [], []
   imgs = noise_images(N, seed=1)
   for i in range(N):

@@ -58,11 +58,11 @@ def test_evaluate_writes_scores_and_grid(workdir, tmp_path):
 
 def test_emergence_over_saved_steps(workdir, tmp_path):
   res = emergence.run_emergence(str(workdir), str(tmp_path / "em"), num_samples=2, num_timesteps=2,
-                                suites=("t2i", "vqa"))  # the shapes of the test above: nothing recompiles
+                                suites=("vqa", "reason_edit"))  # the test above's shapes: nothing recompiles
   assert [r["step"] for r in res["rows"]] == [10, 20]
   # 100 tokens/s x 0.5 s x 5 steps per logged window: 250 tokens per window
   assert [r["tokens"] for r in res["rows"]] == [500.0, 1000.0] and "throughput" in res["tokens_source"]
-  assert set(res["summary"]) == {"t2i", "vqa"}
+  assert set(res["summary"]) == {"vqa", "reason_edit"}
   for f in ("emergence.json", "emergence.csv", "emergence.png"):
     assert (tmp_path / "em" / f).exists()
 

@@ -364,9 +364,11 @@ def story(scene: Scene) -> str:
 T2I_VARIANTS = ("single", "two", "counting", "position")
 VQA_TYPES = ("count", "color", "shape", "relation")
 EDIT_OPS = ("recolor", "move", "add", "remove")
-TASKS = ("t2i", "caption", "vqa", "edit", "video", "next_frame", "words", "text", "think_t2i", "think_vqa")
-GEN_TASKS = ("t2i", "edit", "video", "next_frame", "words", "think_t2i")
+TASKS = ("t2i", "caption", "vqa", "edit", "video", "next_frame", "words", "text", "think_t2i", "think_vqa",
+         "reason_edit")  # append only: a task's index seeds its records (`record_rng`)
+GEN_TASKS = ("t2i", "edit", "video", "next_frame", "words", "think_t2i", "reason_edit")
 UND_TASKS = ("caption", "vqa", "text", "think_vqa")
+EVAL_ONLY_TASKS = ("reason_edit",)  # held out of every training mixture: what they measure is generalisation
 
 
 def t2i_scene(rng: np.random.Generator, variant: str) -> Scene:
@@ -470,6 +472,39 @@ def edit_triple(rng: np.random.Generator, op: str) -> Tuple[Scene, Scene, str, d
   raise RuntimeError(f"could not sample a valid {op!r} edit")
 
 
+REASON_EDIT_OPS = ("recolor", "move", "remove")
+
+
+def reason_edit_triple(rng: np.random.Generator, op: str) -> Tuple[Scene, Scene, str, dict]:
+  """An edit whose object is named only by where it is relative to another ("make the object left of the blue
+  square green"): resolving the reference is the VQA relation skill, applying the edit the editing skill. The
+  training tasks never phrase an edit this way, so this is the synthetic stand-in for reasoning-based editing
+  (IntelligentBench), the capability the paper sees emerge last. Same op record as `edit_triple`."""
+  for _ in range(100):
+    rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
+    src = sample_relation_scene(rng, rel)
+    a, b = src.objects  # `rel` holds for a relative to b, and only a is "the object <rel> the <b>"
+    ref = f"the object {rel} the {b.color} {b.shape}"
+    if op == "recolor":
+      c2 = list(COLORS)[int(rng.integers(len(COLORS)))]
+      if c2 == a.color or (c2 == b.color and a.shape == b.shape):
+        continue
+      return src, src.replace(objects=(dataclasses.replace(a, color=c2), b)), f"make {ref} {c2}", \
+          dict(op=op, index=0, color=c2)
+    if op == "move":
+      d = list(DIRECTIONS)[int(rng.integers(4))]
+      dx, dy = DIRECTIONS[d]
+      c = (a.center[0] + 0.3 * dx, a.center[1] + 0.3 * dy)
+      if not _free(c, a.size, [b]):
+        continue
+      return src, src.replace(objects=(dataclasses.replace(a, center=c), b)), f"move {ref} {d}", \
+          dict(op=op, index=0, direction=d)
+    if op == "remove":
+      return src, src.replace(objects=(b,)), f"remove {ref}", dict(op=op, index=0)
+    raise ValueError(f"unknown reasoning edit op {op!r}; choose one of {REASON_EDIT_OPS}")
+  raise RuntimeError(f"could not sample a valid reasoning {op!r} edit")
+
+
 def motion(rng: np.random.Generator, num_frames: int) -> Tuple[List[Scene], str, dict]:
   """One object moving at constant velocity (per frame) in one of four directions; frames stay inside."""
   (color, shape), = sample_attributes(rng, 1)
@@ -523,6 +558,11 @@ def make_example(task: str, rng: np.random.Generator, image_size: int = 32, num_
   if task == "edit":
     op = EDIT_OPS[int(rng.integers(len(EDIT_OPS)))]
     src, tgt, instr, rec = edit_triple(rng, op)
+    return dict(kind="edit", texts=[instr], images=[render(src, image_size), render(tgt, image_size)],
+                meta=dict(task=task, instruction=instr, edit=rec, scenes=[src.to_dict(), tgt.to_dict()]))
+  if task == "reason_edit":
+    op = REASON_EDIT_OPS[int(rng.integers(len(REASON_EDIT_OPS)))]
+    src, tgt, instr, rec = reason_edit_triple(rng, op)
     return dict(kind="edit", texts=[instr], images=[render(src, image_size), render(tgt, image_size)],
                 meta=dict(task=task, instruction=instr, edit=rec, scenes=[src.to_dict(), tgt.to_dict()]))
   if task in ("video", "next_frame"):

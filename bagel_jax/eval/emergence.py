@@ -81,7 +81,7 @@ def tokens_to_fraction_of_peak(tokens: Sequence[float], scores: Sequence[float],
 
 def run_emergence(workdir: str, out_dir: Optional[str] = None, *, num_samples: int = 4, num_timesteps: int = 12,
                   steps: Optional[Sequence[int]] = None, use_ema: bool = True,
-                  suites: Sequence[str] = suites_lib.SUITES, per_step_grids: bool = False,
+                  suites: Sequence[str] = suites_lib.ALL_SUITES, per_step_grids: bool = False,
                   **settings) -> Dict[str, Any]:
   """Scores every saved step (or `steps`) of a run; writes emergence.json/.csv/.png under `out_dir`
   (default `<run workdir>/eval/emergence`)."""
@@ -168,7 +168,7 @@ def main(argv=None):
   ap.add_argument("--num-timesteps", type=int, default=12)
   ap.add_argument("--steps", default="", help="comma-separated subset of saved steps")
   ap.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
-  ap.add_argument("--suites", default=",".join(suites_lib.SUITES))
+  ap.add_argument("--suites", default=",".join(suites_lib.ALL_SUITES))
   ap.add_argument("--grids", action="store_true", help="also write a sample grid per step")
   args = ap.parse_args(argv)
   try:

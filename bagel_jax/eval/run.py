@@ -37,9 +37,9 @@ def evaluate_model(model: model_lib.LoadedModel, out_dir: Optional[str], setting
                    suites: Sequence[str] = suites_lib.SUITES, vae_ceiling: bool = True,
                    grid: bool = True, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """Runs the suites on a loaded model; writes scores.json (+ samples.png) under `out_dir` when given."""
-  unknown = sorted(set(suites) - set(suites_lib.SUITES))
+  unknown = sorted(set(suites) - set(suites_lib.ALL_SUITES))
   if unknown:
-    raise ValueError(f"unknown eval suites {unknown}; choose from {suites_lib.SUITES}")
+    raise ValueError(f"unknown eval suites {unknown}; choose from {suites_lib.ALL_SUITES}")
   if settings.num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {settings.num_samples}")
   t0 = time.time()

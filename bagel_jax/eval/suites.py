@@ -6,6 +6,9 @@
   level of always guessing uniformly among each type's answers.
 - `edit`: instruction satisfied (the edited scene is detected as the target scene) and preservation error (mean
   absolute pixel error against the ground-truth edit outside the edited object).
+- `reason_edit` (opt-in, in `ALL_SUITES`): the edit suite on instructions that name the object only by its
+  position relative to another ("make the object left of the blue square green"), a phrasing no training task
+  uses: the synthetic stand-in for reasoning-based editing (IntelligentBench).
 - `next_frame`: the moving object detected where constant velocity puts it (hit), its centre error, and the
   frame's mean absolute pixel error.
 
@@ -26,7 +29,8 @@ from bagel_jax.eval import checker as C
 from bagel_jax.inference import inferencer as inf
 from bagel_jax.inference.model import LoadedModel
 
-SUITES = ("t2i", "vqa", "edit", "next_frame")
+SUITES = ("t2i", "vqa", "edit", "next_frame")  # the default evaluation
+ALL_SUITES = SUITES + ("reason_edit",)
 VQA_ANSWERS = dict(count=4, color=len(S.COLORS), shape=len(S.SHAPES), relation=2)  # answers per question type
 
 
@@ -110,6 +114,7 @@ def suite_inputs(model: LoadedModel, s: EvalSettings) -> Dict[str, List[list]]:
       t2i=[[c["prompt"]] for c in t2i_cases(s)],
       vqa=[[r["images"][0], r["texts"][0]] for r in records("vqa", s, size)],
       edit=[[r["images"][0], r["texts"][0]] for r in records("edit", s, size)],
+      reason_edit=[[r["images"][0], r["texts"][0]] for r in records("reason_edit", s, size)],
       next_frame=[[r["texts"][0]] + list(r["images"][:-1]) for r in records("next_frame", s, size)])
 
 
@@ -117,7 +122,7 @@ def capacity_for(model: LoadedModel, s: EvalSettings) -> int:
   """One KV capacity for every suite (the largest need, whichever suites run), so the compiled steps are shared
   by all suites and by every checkpoint of an emergence sweep."""
   inputs = suite_inputs(model, s)
-  return max(inf.estimate_capacity(model, inputs[k], s.max_answer_tokens) for k in SUITES)
+  return max(inf.estimate_capacity(model, inputs[k], s.max_answer_tokens) for k in ALL_SUITES)
 
 
 def _session_images(model, inputs, s: EvalSettings, gen, capacity: int, seed: int) -> np.ndarray:
@@ -174,9 +179,9 @@ def normalize_answer(a: str) -> str:
   return " ".join(inf.split_think(a)[1].lower().replace("?", " ").replace(".", " ").split())
 
 
-def eval_edit(model: LoadedModel, s: EvalSettings, capacity: int) -> Dict[str, Any]:
+def eval_edit(model: LoadedModel, s: EvalSettings, capacity: int, task: str = "edit") -> Dict[str, Any]:
   size = model.gen_size[0]
-  recs = records("edit", s, size)
+  recs = records(task, s, size)
   gen = edit_gen(s)
   images = run_batched(recs, s, lambda chunk, j: _session_images(
       model, [[r["images"][0], r["texts"][0]] for r in chunk], s, gen, capacity, s.seed * 104729 + j))
@@ -187,7 +192,7 @@ def eval_edit(model: LoadedModel, s: EvalSettings, capacity: int) -> Dict[str, A
     ok, why = C.edit_satisfied(img, src, tgt, m["edit"])
     region = C.edited_region(src, tgt, m["edit"], img.shape[0])
     err = C.preservation_error(img, r["images"][1], region)
-    samples.append(dict(suite="edit", task=m["edit"]["op"], prompt=m["instruction"], correct=bool(ok), reason=why,
+    samples.append(dict(suite=task, task=m["edit"]["op"], prompt=m["instruction"], correct=bool(ok), reason=why,
                         preservation_error=err, image=img, source=r["images"][0]))
   ops: Dict[str, List[bool]] = {}
   for x in samples:
@@ -238,9 +243,14 @@ def eval_vae_ceiling(model: LoadedModel, s: EvalSettings) -> Dict[str, Any]:
                                              for c, img in zip(cases, images)]))))
 
 
-SUITE_FNS = dict(t2i=eval_t2i, vqa=eval_vqa, edit=eval_edit, next_frame=eval_next_frame)
+def eval_reason_edit(model: LoadedModel, s: EvalSettings, capacity: int) -> Dict[str, Any]:
+  return eval_edit(model, s, capacity, task="reason_edit")
+
+
+SUITE_FNS = dict(t2i=eval_t2i, vqa=eval_vqa, edit=eval_edit, next_frame=eval_next_frame,
+                 reason_edit=eval_reason_edit)
 HEADLINE = dict(t2i=("t2i", "overall"), vqa=("vqa", "accuracy"), edit=("edit", "satisfied"),
-                next_frame=("next_frame", "hit"))
+                next_frame=("next_frame", "hit"), reason_edit=("reason_edit", "satisfied"))
 
 
 def headline(results: Dict[str, Any]) -> Dict[str, float]:

@@ -178,11 +178,13 @@ def tiny_cpu(c: ml_collections.ConfigDict, *, variant: str = "mot", ratios=None,
   return c
 
 
-def seven_b_batch(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
-  """Per-row capacities for the 7B recipe at the stage's packing window.
+def seven_b_batch(c: ml_collections.ConfigDict, stage: str, tokens: int = 0) -> ml_collections.ConfigDict:
+  """Per-row capacities for the 7B recipe at `tokens` per row (default: the top of the stage's packing window).
 
   NU + NL = 1.11 L: MoT layers cost 1.11x a dense pass over the row; the packer enforces both."""
-  seq = STAGES[stage]["seq_len"][1]
+  seq = tokens or STAGES[stage]["seq_len"][1]
+  if seq % 512:
+    raise ValueError(f"tokens={seq}: a row must be a multiple of the attention kernel's 512-token tile")
   c.batch.seq_len = seq
   c.batch.latent_capacity = seq * 2 // 3
   c.batch.und_capacity = seq - c.batch.latent_capacity + seq // 9

@@ -162,3 +162,20 @@ def test_inference_steps_compile(tmp_path):
     assert inf[step]["roofline"]["step_seconds"] > 0, inf[step]
   assert inf["denoise_step"]["kernels"] == ["bagel_flash_fwd"]
   assert inf["decode_step"]["kernels"] == ["bagel_flash_fwd"]
+
+
+@pytest.mark.aot
+@pytest.mark.slow
+@needs_libtpu
+def test_offloaded_layer_inputs_live_in_host_memory(tmp_path):
+  """The "offload_layer_inputs" remat policy (what fits the 7B PT step on v6e-256): the compiled step keeps each
+  decoder layer's input in host memory (pinned_host) between forward and backward, and HBM temps shrink."""
+  base = ["model.preset=small", "batch.seq_len=2048", "batch.vit_capacity=512", "batch.latent_capacity=1024",
+          "batch.image_capacity=64"]
+  saved, _ = run_aot(tmp_path, TINY, "v6e:2x2", "--no_extrapolate",
+                     overrides=base + ["model.remat_policy=nothing_saveable"])
+  offload, _ = run_aot(tmp_path, TINY, "v6e:2x2", "--no_extrapolate",
+                       overrides=base + ["model.remat_policy=offload_layer_inputs"])
+  m0, m1 = saved["memory_per_chip"], offload["memory_per_chip"]
+  assert m0["host_temp_size_in_bytes"] == 0 < m1["host_temp_size_in_bytes"], (m0, m1)
+  assert m1["temp_size_in_bytes"] < m0["temp_size_in_bytes"], (m0, m1)

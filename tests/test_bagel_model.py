@@ -87,6 +87,26 @@ def test_scan_equals_unrolled(mixed_batch):
   np.testing.assert_allclose(a["mse_sum"], b["mse_sum"], rtol=1e-5)
 
 
+def _remat_grads(cfg, batch):
+  params = bagel_lib.init_params(cfg, jax.random.key(4))
+  params["llm2vae"] = jax.tree.map(lambda x: x + 0.05, params["llm2vae"])
+  return jax.jit(jax.grad(lambda p: bagel_lib.loss_fn(p, batch, jax.random.key(0), cfg)[0]))(params)
+
+
+@pytest.fixture(scope="module")
+def no_remat_grads(mixed_batch):
+  return _remat_grads(config_lib.tiny("mot"), mixed_batch)
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "offload_layer_inputs"])
+def test_remat_policies_keep_gradients(policy, mixed_batch, no_remat_grads):
+  """Remat only moves work (recompute) and memory (host offload of layer inputs); gradients stay the same."""
+  want = no_remat_grads
+  got = _remat_grads(config_lib.tiny("mot").replace(remat_policy=policy), mixed_batch)
+  for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def test_one_step_updates_both_experts_differently(mixed_batch):
   cfg = config_lib.tiny("mot")
   params = bagel_lib.init_gen_from_und(bagel_lib.init_params(cfg, jax.random.key(0)), cfg)

@@ -47,3 +47,12 @@ def test_pod_configs_pick_an_fsdp_group_with_no_shortfall(config_module, arg, da
   assert (c.mesh.ici.data, c.mesh.ici.fsdp) == (data, fsdp)
   sizes = mesh_lib.resolve_axes(dict(c.mesh.ici), data * fsdp, "ici")
   assert _shortfalls(c.model.preset, sizes) == []
+
+
+def test_stage_config_tokens_per_row():
+  c = pretrain.get_config("topology=v6e-256,tokens=32768,remat=offload_layer_inputs")
+  assert c.batch.seq_len == 32_768 and c.batch.latent_capacity == 32_768 * 2 // 3
+  assert c.model.remat_policy == "offload_layer_inputs"
+  assert pretrain.get_config("topology=v5p-256").batch.seq_len == 36_864  # the top of PT's 32-36K window
+  with pytest.raises(ValueError, match="multiple of the attention kernel's 512-token tile"):
+    pretrain.get_config("topology=v6e-256,tokens=33000")

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 LAYER_VARIANTS = ("dense", "moe", "mot", "moe_topk")
 ATTENTION_IMPLS = ("reference", "pallas", "pallas_interpret", "auto")
 REMAT_POLICIES = ("none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "minimal")
+                  "minimal", "offload_layer_inputs")
 ROUTING_MODES = ("capacity", "dense")
 
 

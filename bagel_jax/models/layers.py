@@ -114,6 +114,11 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "minimal": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out"),
+    # nothing_saveable, but each decoder layer's input (the one residual it keeps per layer under scan: L x D
+    # per layer per row) lives in host memory between forward and backward (MaxText's offloaded policies).
+    "offload_layer_inputs": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"], offload_src="device",
+        offload_dst="pinned_host"),
 }
 
 

@@ -254,7 +254,7 @@ class DecoderLayer(nn.Module):
     c, lc = self.config, self.config.llm
     n = expert_counts(lc.layer_variant)
     act_axes = ("activation_batch", "activation_length", "activation_embed")
-    x = layers.constrain(x, act_axes)
+    x = checkpoint_name(layers.constrain(x, act_axes), "layer_input")  # what "offload_layer_inputs" sends to host
     hs = ExpertRMSNorm(n["attn"], lc.hidden_size, EMBED, lc.rms_norm_eps, name="input_layernorm")(
         routing.dispatch(x, n["attn"]))
     o = Attention(c, n["attn"], name="self_attn")(hs, routing, cos, sin, meta)

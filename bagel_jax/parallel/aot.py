@@ -303,6 +303,8 @@ def _memory(compiled) -> Dict[str, float]:
   out = {f: float(getattr(m, f, 0) or 0) for f in fields}
   out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
                         + out["temp_size_in_bytes"] + out["generated_code_size_in_bytes"])
+  # Host memory the program uses (activations offloaded by the "offload_layer_inputs" remat policy): not HBM.
+  out["host_temp_size_in_bytes"] = float(getattr(m, "host_temp_size_in_bytes", 0) or 0)
   return out
 
 

@@ -53,6 +53,8 @@ def test_stage_config_tokens_per_row():
   c = pretrain.get_config("topology=v6e-256,tokens=32768,remat=offload_layer_inputs")
   assert c.batch.seq_len == 32_768 and c.batch.latent_capacity == 32_768 * 2 // 3
   assert c.model.remat_policy == "offload_layer_inputs"
-  assert pretrain.get_config("topology=v5p-256").batch.seq_len == 36_864  # the top of PT's 32-36K window
+  v5p, v6e = pretrain.get_config("topology=v5p-256"), pretrain.get_config("topology=v6e-256")
+  assert v5p.batch.seq_len == 36_864  # the top of PT's 32-36K window
+  assert (v5p.model.remat_policy, v6e.model.remat_policy) == ("nothing_saveable", "offload_layer_inputs")
   with pytest.raises(ValueError, match="multiple of the attention kernel's 512-token tile"):
     pretrain.get_config("topology=v6e-256,tokens=33000")

@@ -391,7 +391,8 @@ def analyse(config, topology: str, num_slices: int = 1, extrapolate: bool = True
       tokens_per_chip=s.spec.batch_size * s.spec.seq_len / n_dev,
       model=dict(preset=config.model.preset, variant=s.model_cfg.llm.layer_variant,
                  attention_impl=s.model_cfg.attention_impl, remat_policy=s.model_cfg.remat_policy,
-                 scan_layers=s.model_cfg.scan_layers, dtype=s.model_cfg.dtype, param_dtype=s.model_cfg.param_dtype,
+                 scan_layers=s.model_cfg.scan_layers, ce_chunk_size=s.model_cfg.ce_chunk_size,
+                 dtype=s.model_cfg.dtype, param_dtype=s.model_cfg.param_dtype,
                  params=int(sum(int(np.prod(a.shape)) for a in _leaves(s.abstract_state.params))),
                  mesh=dict(zip(s.mesh.axis_names, (int(x) for x in s.mesh.devices.shape))),
                  rules=config.mesh.rules, ema=bool(s.abstract_state.ema is not None),
@@ -858,15 +859,20 @@ def summary_table(reports: Sequence[Dict[str, Any]]) -> str:
 
 def markdown_table(reports: Sequence[Dict[str, Any]]) -> str:
   """The docs table: one line per report ("*" marks runtime patches, see `apply_embed_constraints`)."""
-  head = ("| config | variant | topology | tokens/chip | GiB/chip (args + temps) | of HBM | fits <= 85% | "
-          "compile s | recompute | MFU est. (overlapped / exposed) | limited by |")
+  head = ("| config | variant | topology | mesh (data x fsdp), remat | tokens/chip | GiB/chip (args + temps) | "
+          "of HBM | fits <= 85% | compile s | recompute | MFU est. (overlapped / exposed) | limited by |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in reports:
     m = r["memory_per_chip"]
     rl = r.get("roofline")
     rc = r.get("compiled", {}).get("recompute_ratio")
     name = r["config"] + (" *" if r.get("model", {}).get("runtime_patches") else "")
-    cells = [name, r.get("model", {}).get("variant", "?"), r["topology"], f"{r['tokens_per_chip']:,.0f}",
+    model = r.get("model", {})
+    mesh = model.get("mesh", {})
+    layout = (f"{mesh.get('data', 1) * mesh.get('dcn_data', 1)} x {mesh.get('fsdp', '?')}, "
+              f"{model.get('remat_policy', '?')}" + (f", CE chunk {model['ce_chunk_size']}"
+                                                     if model.get("ce_chunk_size", 4096) != 4096 else ""))
+    cells = [name, model.get("variant", "?"), r["topology"], layout, f"{r['tokens_per_chip']:,.0f}",
              f"{m['total_bytes'] / 2 ** 30:.1f} ({m['argument_size_in_bytes'] / 2 ** 30:.1f} + "
              f"{m['temp_size_in_bytes'] / 2 ** 30:.1f})", f"{m['fraction_of_hbm']:.1%}",
              "yes" if m["fraction_of_hbm"] <= HEADROOM_TARGET else "no", f"{r['compile_seconds']:.0f}",

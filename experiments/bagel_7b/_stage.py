@@ -1,14 +1,15 @@
 """The four BAGEL-7B stages share one builder; each stage file only names its stage (Table 3 values).
 
 Config args: variant (mot/dense/moe/moe_topk), topology (one packed row per chip), slices (DCN data parallel),
-model=tiny or runlocal (the CPU recipe), steps, attention, remat (a `models.layers.REMAT_POLICIES` name),
+model=tiny or runlocal (the CPU recipe), steps, attention, remat (a `models.layers.REMAT_POLICIES` name; default
+offload_layer_inputs on 32 GiB chips, nothing_saveable otherwise),
 tokens (tokens per row; default the top of the stage's packing window)."""
 from experiments import common
 
 
 def stage_config(stage: str, arg):
   arg = common.parse_arg(arg, variant="mot", topology="v5p-256", model="7b", runlocal=False, steps=0, slices=1,
-                         attention="pallas", remat="nothing_saveable", tokens=0)
+                         attention="pallas", remat="", tokens=0)
   c = common.base_config()
   c.name = f"bagel_7b_{stage}"
   common.apply_stage(c, stage, steps=arg.steps or None)
@@ -21,8 +22,10 @@ def stage_config(stage: str, arg):
     if c.optim.ema_decay:
       c.optim.ema_decay = 0.99  # an EMA horizon of ~100 steps suits runs of a few hundred steps
     return c
+  # 32 GiB chips (v5e, v6e) need the layer inputs in host memory to keep 15% HBM headroom (docs/tpu_aot.md).
+  remat = arg.remat or ("offload_layer_inputs" if arg.topology.startswith(("v5e", "v6e")) else "nothing_saveable")
   c.model.update(dict(preset="bagel_7b", variant=arg.variant, dtype="bfloat16", attention_impl=arg.attention,
-                      remat_policy=arg.remat, ce_chunk_size=4096))
+                      remat_policy=remat, ce_chunk_size=4096))
   common.seven_b_batch(c, stage, arg.tokens)
   common.size_for_topology(c, arg.topology)
   c.batch.batch_size *= arg.slices

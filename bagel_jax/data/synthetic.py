@@ -555,14 +555,9 @@ def make_example(task: str, rng: np.random.Generator, image_size: int = 32, num_
       return dict(kind="vqa", texts=[q, a], images=[img], meta=meta)
     return dict(kind="think_vqa", texts=[q, f"<think> i see {describe(scene)} </think> {a}"], images=[img],
                 meta=meta)
-  if task == "edit":
-    op = EDIT_OPS[int(rng.integers(len(EDIT_OPS)))]
-    src, tgt, instr, rec = edit_triple(rng, op)
-    return dict(kind="edit", texts=[instr], images=[render(src, image_size), render(tgt, image_size)],
-                meta=dict(task=task, instruction=instr, edit=rec, scenes=[src.to_dict(), tgt.to_dict()]))
-  if task == "reason_edit":
-    op = REASON_EDIT_OPS[int(rng.integers(len(REASON_EDIT_OPS)))]
-    src, tgt, instr, rec = reason_edit_triple(rng, op)
+  if task in ("edit", "reason_edit"):
+    ops, triple = (EDIT_OPS, edit_triple) if task == "edit" else (REASON_EDIT_OPS, reason_edit_triple)
+    src, tgt, instr, rec = triple(rng, ops[int(rng.integers(len(ops)))])
     return dict(kind="edit", texts=[instr], images=[render(src, image_size), render(tgt, image_size)],
                 meta=dict(task=task, instruction=instr, edit=rec, scenes=[src.to_dict(), tgt.to_dict()]))
   if task in ("video", "next_frame"):

@@ -866,8 +866,8 @@ def markdown_table(reports: Sequence[Dict[str, Any]]) -> str:
     m = r["memory_per_chip"]
     rl = r.get("roofline")
     rc = r.get("compiled", {}).get("recompute_ratio")
-    name = r["config"] + (" *" if r.get("model", {}).get("runtime_patches") else "")
     model = r.get("model", {})
+    name = r["config"] + (" *" if model.get("runtime_patches") else "")
     mesh = model.get("mesh", {})
     layout = (f"{mesh.get('data', 1) * mesh.get('dcn_data', 1)} x {mesh.get('fsdp', '?')}, "
               f"{model.get('remat_policy', '?')}" + (f", CE chunk {model['ce_chunk_size']}"

@@ -38,10 +38,23 @@ TOPOLOGY_CHIPS = {"v5p-8": 4, "v5p-16": 8, "v5p-32": 16, "v5p-64": 32, "v5p-128"
                   "v4-8": 4, "v4-32": 16, "v4-128": 64}
 
 
+class Arg:
+  """A checked config arg for `parse_arg`: `Arg(default, choices=(...))` or `Arg(default, min=1)`.
+
+  The default is returned as is (it may mean "the recipe's value", e.g. steps=0); a value the user writes must
+  be one of `choices` / at least `min`, else `parse_arg` raises naming the arg."""
+
+  def __init__(self, default, *, choices=None, min=None):  # pylint: disable=redefined-builtin
+    self.default, self.choices, self.min = default, tuple(choices) if choices is not None else None, min
+
+
 def parse_arg(arg, **spec):
   """'a=1,b=x,flag' -> ConfigDict typed by the defaults in `spec`; bare names set bools to True.
 
-  Unknown names and values that do not parse as the default's type raise ValueError naming the key."""
+  Unknown names, values that do not parse as the default's type, and values an `Arg` spec rejects (not one of
+  its choices, below its minimum) raise ValueError naming the key."""
+  checks = {k: v for k, v in spec.items() if isinstance(v, Arg)}
+  spec = {k: (v.default if isinstance(v, Arg) else v) for k, v in spec.items()}
   out = ml_collections.ConfigDict(dict(spec))
   if not arg:
     return out
@@ -69,6 +82,12 @@ def parse_arg(arg, **spec):
         out[key] = type(default)(value)
       except ValueError as e:
         raise ValueError(f"config arg {key}={value!r}: expected {type(default).__name__}") from e
+    check = checks.get(key)
+    if check is not None and check.choices is not None and out[key] not in check.choices:
+      raise ValueError(f"config arg {key}={value!r}: not one of {list(check.choices)}")
+    if check is not None and check.min is not None and out[key] < check.min:
+      raise ValueError(f"config arg {key}={value}: must be >= {check.min} (leave {key} out for the recipe's "
+                       "default)")
   return out
 
 
@@ -89,7 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch = ml_collections.ConfigDict(dict(
       batch_size=8, seq_len=512, vit_capacity=128, latent_capacity=256, image_capacity=16, und_capacity=0,
       ce_capacity=0, vae_image_capacity=0, vae_image_size=0))
-  c.data = ml_collections.ConfigDict(dict(source="random", seed=0))
+  # data.sources: a tuple (not a list) so `--config.data.sources=...` can override it from the command line
+  c.data = ml_collections.ConfigDict(dict(source="random", seed=0, sources=()))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, schedule="constant", warmup_steps=0, min_lr=1e-7, total_steps=1000, b1=0.9, b2=0.95, eps=1e-15,
       weight_decay=0.0, clip_norm=1.0, grad_accum=1, trainable=".*", frozen="vae/.*", ema_decay=0.0))
@@ -100,7 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, log_every=10, checkpoint_every=500, keep_checkpoints=3, keep_period=0, async_checkpoint=True,
       validate_batches=False, tensorboard=True, plot_every=0, sample_every=0, num_samples=8,
-      debug_kill_at_step=0))  # fault injection: SIGKILL after this step once saves landed
+      # fault injection (drills, benchmarks/faults.py): SIGKILL after this step once saves landed; SIGKILL right
+      # after this step's async save started; NaN params after this step (a transient blow-up)
+      debug_kill_at_step=0, debug_kill_in_save_at_step=0, debug_nan_at_step=0))
   c.distributed = ml_collections.ConfigDict(dict(initialize=False, coordinator="", num_processes=0,
                                                  process_id=-1, cpu_collectives="gloo"))
   return c
@@ -172,7 +194,7 @@ def tiny_cpu(c: ml_collections.ConfigDict, *, variant: str = "mot", ratios=None,
     dc = data_config.synthetic_mixture(gen_und=gen_und, image_size=image_size)
   c.data = ml_collections.ConfigDict(dict(
       source="synthetic", seed=int(c.seed), gen_und=dc.gen_und, image_size=image_size,
-      sources=[dataclasses.asdict(s) for s in dc.sources]))
+      sources=tuple(dataclasses.asdict(s) for s in dc.sources)))
   c.init.vae = "synthetic"  # a frozen random VAE decodes every generation to noise
   c.train.update(dict(log_every=10, tensorboard=False))
   return c

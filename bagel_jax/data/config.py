@@ -66,6 +66,9 @@ class DataConfig:
   num_workers: Grain worker processes (0 = in-process, with `prefetch` batches of thread prefetch).
   num_epochs: 0 = repeat every source forever; n = n passes (finite pipelines, evaluation, tests).
   validate: run `batch.validate()` on every batch (debug mode).
+  Data health (the packer stops with `DataHealthError`, showing the skip-reason histogram and an example per
+  reason, instead of spinning on unusable data): max_tries = records read in a row without one usable sample;
+  max_skip_fraction = share of records skipped, checked once `skip_check_after` records were read (1.0: never).
   """
   sources: Tuple[SourceConfig, ...]
   seed: int = 0
@@ -88,6 +91,9 @@ class DataConfig:
   num_epochs: int = 0
   shuffle: bool = True
   validate: bool = False
+  max_tries: int = 1000
+  max_skip_fraction: float = 0.5
+  skip_check_after: int = 1000
 
   def __post_init__(self):
     if not self.sources:
@@ -99,7 +105,9 @@ class DataConfig:
       raise ValueError("DataConfig.sources: weights sum to 0")
     if self.gen_und < 0:
       raise ValueError(f"DataConfig.gen_und={self.gen_und} must be >= 0")
-    for name in ("max_buffer", "worker_buffer"):
+    if not 0.0 < self.max_skip_fraction <= 1.0:
+      raise ValueError(f"DataConfig.max_skip_fraction={self.max_skip_fraction} must be in (0, 1]")
+    for name in ("max_buffer", "worker_buffer", "max_tries", "skip_check_after"):
       if getattr(self, name) < 1:
         raise ValueError(f"DataConfig.{name} must be >= 1")
     for name in ("num_workers", "prefetch", "num_epochs"):
@@ -130,9 +138,10 @@ class DataConfig:
 
   @classmethod
   def from_config(cls, c: Mapping[str, Any]) -> "DataConfig":
-    """From a ConfigDict/dict with the field names above; `sources` is a list of dicts (SourceConfig fields).
-    `source` (the trainer's selector) is ignored; `source='synthetic'` without `sources` gives
-    `synthetic_mixture()`."""
+    """From a ConfigDict/dict with the field names above; `sources` is a list/tuple whose entries are dicts
+    (SourceConfig fields) or strings (`source_from_string`: 'PATH' or 'TYPE:PATH', what
+    `--config.data.sources=...` takes on the command line). `source` (the trainer's selector) is ignored;
+    `source='synthetic'` without `sources` gives `synthetic_mixture()`."""
     d = dict(c.to_dict() if hasattr(c, "to_dict") else c)
     selector = d.pop("source", None)
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -146,17 +155,74 @@ class DataConfig:
       base = synthetic_mixture(image_size=int(d.get("image_size", 32)))
       d = {**{k: getattr(base, k) for k in ("gen_und", "gen_size", "und_size")}, **d}
       srcs = [dataclasses.asdict(s) for s in base.sources]
+    if isinstance(srcs, (str, dict)) or hasattr(srcs, "to_dict"):
+      srcs = [srcs]
     sources = []
+    names = set()
     for i, s in enumerate(srcs):
-      s = dict(s)
+      if isinstance(s, str):
+        sources.append(source_from_string(s, i, names))
+        names.add(sources[-1].name)
+        continue
+      if not isinstance(s, Mapping) and not hasattr(s, "to_dict"):
+        raise ValueError(f"config.data.sources[{i}]={s!r}: expected a dict of SourceConfig fields or a "
+                         f"'[TYPE:]PATH' string")
+      s = dict(s.to_dict() if hasattr(s, "to_dict") else s)
       bad = sorted(set(s) - {f.name for f in dataclasses.fields(SourceConfig)})
       if bad:
         raise ValueError(f"config.data.sources[{i}]: unknown keys {bad}")
       sources.append(SourceConfig(**s))
+      names.add(sources[-1].name)
     for k in ("gen_size", "und_size"):
       if k in d:
         d[k] = tuple(int(x) for x in d[k])
     return cls(sources=tuple(sources), **d)
+
+
+FILE_TYPES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".tar": "tar"}
+
+
+def source_from_string(spec: str, index: int = 0, taken=()) -> SourceConfig:
+  """'PATH' or 'TYPE:PATH' -> SourceConfig (weight 1). TYPE is inferred from the extension when omitted
+  (.jsonl, .parquet, .tar or a tar glob); the name is the file's stem (made unique); the group ('gen'/'und',
+  needed by `gen_und`) is read from the first record's kind for JSONL manifests."""
+  import os  # pylint: disable=import-outside-toplevel
+  kind, sep, rest = spec.partition(":")
+  if sep and kind in SOURCE_TYPES and kind != "synthetic":
+    typ, path = kind, rest
+  else:
+    path = spec
+    ext = os.path.splitext(path.split(",")[0])[1].lower()
+    if ext not in FILE_TYPES:
+      raise ValueError(f"config.data.sources[{index}]={spec!r}: cannot tell the source type from the extension; "
+                       f"write TYPE:PATH with TYPE one of {[t for t in SOURCE_TYPES if t != 'synthetic']}")
+    typ = FILE_TYPES[ext]
+  stem = os.path.splitext(os.path.basename(path.split(",")[0]))[0].replace("*", "") or f"source{index}"
+  name, k = stem, 1
+  while name in taken:
+    k += 1
+    name = f"{stem}_{k}"
+  return SourceConfig(name=name, type=typ, path=path, group=_first_group(typ, path))
+
+
+def _first_group(typ: str, path: str) -> str:
+  """'gen' or 'und' from the kind of the first parsable record of a JSONL manifest ('' otherwise)."""
+  import json  # pylint: disable=import-outside-toplevel
+  from bagel_jax.data.samples import GEN_KINDS  # pylint: disable=import-outside-toplevel
+  if typ != "jsonl":
+    return ""
+  try:
+    with open(path, "rb") as f:
+      for _, line in zip(range(100), f):
+        try:
+          kind = json.loads(line).get("kind")
+        except (ValueError, AttributeError, RecursionError):
+          continue
+        if isinstance(kind, str):
+          return "gen" if kind in GEN_KINDS else "und"
+  except OSError:
+    pass
+  return ""
 
 
 DEFAULT_SYNTHETIC_WEIGHTS = {

@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -112,17 +113,47 @@ class Prepare:
     if isinstance(record, Skipped):
       return record
     src = record.get("_source", "") if isinstance(record, dict) else ""
+    where = record.get("_where", "") if isinstance(record, dict) else ""
+    at = f"{where}: " if where else ""
     rng = np.random.default_rng([self.seed, 1, int(k), int(index)])
     try:
       items = samples.build_items(record, self.tokenizer, self.scfg, rng)
       if not samples.has_loss(items):
-        return Skipped("no_loss", "sample has no CE or MSE target", src)
+        return Skipped("no_loss", f"{at}sample has no CE or MSE target", src)
       lay = layout_sample(items, self.layout)
+      kind = record["kind"]
+      kind = kind.decode() if isinstance(kind, bytes) else str(kind)
     except SkipSample as e:
-      return Skipped(e.reason, e.detail, src)
-    kind = record["kind"]
-    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+      detail = e.detail if where and e.detail.startswith(where) else f"{at}{e.detail}"
+      return Skipped(e.reason, detail, src)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, UnicodeError) as e:
+      # a field of a type or shape the record schema does not expect, found deeper than normalize_record looks
+      return Skipped("bad_field", f"{at}{type(e).__name__}: {e}", src)
     return Prepared(lay, kind, src, sample_needs(lay, self.scfg.pixel_mode))
+
+
+class DataHealthError(RuntimeError):
+  """The data yields (almost) nothing usable: raised by the packer with the skip-reason histogram and an
+  example (`file:line`) per reason, instead of spinning forever on records that are all skipped."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthLimits:
+  max_tries: int = 1000            # records read in a row without one usable sample
+  max_skip_fraction: float = 0.5   # share of records skipped ...
+  skip_check_after: int = 1000     # ... checked once this many records were read
+
+  @classmethod
+  def from_data_config(cls, dc: DataConfig) -> "HealthLimits":
+    return cls(dc.max_tries, dc.max_skip_fraction, dc.skip_check_after)
+
+
+def health_report(reasons: Mapping[str, int], examples: Mapping[str, str], total: int) -> str:
+  """Multi-line 'reason count (share): example' histogram, most frequent first."""
+  lines = []
+  for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+    lines.append(f"  {reason:<14} {n:>8} ({n / max(total, 1):.0%})  e.g. {examples.get(reason, '')}")
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,16 +171,18 @@ class PackBatches(grain.IterDataset):
   Packing whole `SampleLayout`s against every capacity at once, with an index-only buffer, avoids all three."""
 
   def __init__(self, streams: Sequence[grain.MapDataset], weights: Sequence[float], prepare, spec: BatchSpec,
-               layout: LayoutConfig, max_buffer: int = 16):
+               layout: LayoutConfig, max_buffer: int = 16, health: Optional[HealthLimits] = None):
     self._streams, self._weights, self._prepare = list(streams), list(weights), prepare
     self._source = sources.mix(self._streams, self._weights).map(prepare)
     super().__init__(self._source)
     self._spec, self._layout, self._max_buffer = spec, layout, int(max_buffer)
+    self._health = health or HealthLimits()
 
   @classmethod
-  def from_samples(cls, ds: grain.MapDataset, spec: BatchSpec, layout: LayoutConfig, max_buffer: int = 16):
+  def from_samples(cls, ds: grain.MapDataset, spec: BatchSpec, layout: LayoutConfig, max_buffer: int = 16,
+                   health: Optional[HealthLimits] = None):
     """Packs an already prepared MapDataset of `Prepared` | `Skipped` (tests, custom pipelines)."""
-    return cls([ds.map_with_index(sources.Tag(0))], [1.0], _untag, spec, layout, max_buffer)
+    return cls([ds.map_with_index(sources.Tag(0))], [1.0], _untag, spec, layout, max_buffer, health)
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
     """Grain calls this in each worker process (slice(worker, None, num_workers)); every stream is sliced."""
@@ -160,7 +193,7 @@ class PackBatches(grain.IterDataset):
     self._parents = (self._source,)
 
   def __iter__(self):
-    return PackIterator(self._source, self._spec, self._layout, self._max_buffer)
+    return PackIterator(self._source, self._spec, self._layout, self._max_buffer, self._health)
 
   def __str__(self):
     return f"PackBatches(B={self._spec.batch_size}, L={self._spec.seq_len}, max_buffer={self._max_buffer})"
@@ -171,10 +204,19 @@ def _untag(tagged):
 
 
 class PackIterator(grain.DatasetIterator):
-  """State: {"next": next index to draw, "buffer": buffered indices (oldest first), "batches": emitted}."""
+  """State: {"next": next index to draw, "buffer": buffered indices (oldest first), "batches": emitted}.
 
-  def __init__(self, source: grain.MapDataset, spec: BatchSpec, layout: LayoutConfig, max_buffer: int):
+  Health: counts (since this iterator started) the records read, skipped by reason and read in a row without a
+  usable sample, and raises `DataHealthError` past the `HealthLimits`."""
+
+  def __init__(self, source: grain.MapDataset, spec: BatchSpec, layout: LayoutConfig, max_buffer: int,
+               health: Optional[HealthLimits] = None):
     super().__init__()
+    self._health = health or HealthLimits()
+    self._h_in = 0
+    self._h_dry = 0
+    self._h_reasons: collections.Counter = collections.Counter()
+    self._h_examples: Dict[str, str] = {}
     self._src, self._spec, self._layout, self._max_buffer = source, spec, layout, max_buffer
     self._n = len(source)
     self._cap = spec_capacity(spec)
@@ -197,6 +239,27 @@ class PackIterator(grain.DatasetIterator):
         raise ValueError(f"PackIterator.set_state: buffered index {i} is no longer a valid sample "
                          f"({item!r}); the data changed since the checkpoint")
       self._cache[i] = item
+
+  def _unhealthy(self, reason: str, example: str):
+    """Counts one skipped record; raises DataHealthError past the limits (never loops forever on bad data)."""
+    h = self._health
+    self._h_dry += 1
+    self._h_reasons[reason] += 1
+    self._h_examples.setdefault(reason, example)
+    skipped = sum(self._h_reasons.values())
+    if self._h_dry >= h.max_tries:
+      why = (f"no record yielded a usable sample in the last {self._h_dry} tries (config.data.max_tries="
+             f"{h.max_tries})")
+    elif self._h_in >= h.skip_check_after and skipped > h.max_skip_fraction * self._h_in:
+      why = (f"{skipped / self._h_in:.0%} of the records were skipped (config.data.max_skip_fraction="
+             f"{h.max_skip_fraction})")
+    else:
+      return
+    raise DataHealthError(
+        f"data: {why}; stopping instead of training on what is left. {self._h_in} records read, {skipped} "
+        f"skipped, by reason:\n{health_report(self._h_reasons, self._h_examples, self._h_in)}\n"
+        "Fix the records named above (docs/data.md lists what each reason means), or relax the limits with "
+        "--config.data.max_tries / --config.data.max_skip_fraction.")
 
   def _best_row(self, used: np.ndarray, need: np.ndarray) -> Optional[int]:
     ok = np.all(used + need <= self._cap, axis=1)
@@ -237,15 +300,19 @@ class PackIterator(grain.DatasetIterator):
       self._next += 1
       item = self._src[i]
       delta["samples_in"] += 1
+      self._h_in += 1
       if isinstance(item, Skipped):
         delta[f"skipped/{item.reason}"] += 1
         examples.setdefault(item.reason, f"{item.detail} [{item.source}]")
+        self._unhealthy(item.reason, examples[item.reason])
         continue
       if np.any(item.need > self._cap):
         delta["skipped/too_long"] += 1
         over = [f"{n} {v}>{c}" for n, v, c in zip(NEEDS, item.need, self._cap) if v > c]
         examples.setdefault("too_long", f"{', '.join(over)} [{item.source}]")
+        self._unhealthy("too_long", examples["too_long"])
         continue
+      self._h_dry = 0
       r = self._best_row(used, item.need)
       if r is not None:
         place(item, r)
@@ -273,8 +340,9 @@ class DataIterator:
   """Host-local `PackedBatch` iterator with `get_state() -> bytes` / `set_state(bytes)` (the protocol
   `grain.checkpoint.CheckpointSave/Restore` uses), `stats`, `stats_line()` and `close()`."""
 
-  def __init__(self, dataset: grain.IterDataset, spec: BatchSpec, *, validate: bool = False, fingerprint: str = ""):
-    self._ds, self.spec, self.validate, self.fingerprint = dataset, spec, validate, fingerprint
+  def __init__(self, dataset: grain.IterDataset, spec: BatchSpec, *, validate: bool = False, fingerprint: str = "",
+               warn: bool = True):
+    self._ds, self.spec, self.validate, self.fingerprint, self.warn = dataset, spec, validate, fingerprint, warn
     self._it = iter(dataset)
     self.counters: collections.Counter = collections.Counter()
     self.examples: Dict[str, str] = {}
@@ -295,7 +363,10 @@ class DataIterator:
     self._wait += now - t
     self.counters.update(delta["counts"])
     for reason, ex in delta["examples"].items():
-      self.examples.setdefault(reason, ex)
+      if reason not in self.examples:
+        self.examples[reason] = ex
+        if self.warn:
+          print(f"WARNING data: first record skipped as {reason}: {ex}", file=sys.stderr, flush=True)
     self._window.append((now, self.counters["samples_out"], self.counters["used/tokens"]))
     if self.validate:
       batch_lib.validate(batch, self.spec)
@@ -368,7 +439,8 @@ def _ensure_absl_flags():
 def _fingerprint(dc: DataConfig, spec: BatchSpec, layout: LayoutConfig, seed: int, pidx: int, pcount: int) -> str:
   d = dict(data=dataclasses.asdict(dc), spec=dataclasses.asdict(spec), layout=dataclasses.asdict(layout),
            seed=seed, process=[pidx, pcount])
-  for k in ("validate", "prefetch", "worker_buffer"):  # do not change which batches come out
+  for k in ("validate", "prefetch", "worker_buffer", "max_tries", "max_skip_fraction", "skip_check_after"):
+    # do not change which batches come out
     d["data"].pop(k)
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -385,7 +457,7 @@ def build_dataset(dc: DataConfig, spec: BatchSpec, layout: LayoutConfig, seed: i
   scfg = sample_config(dc, spec, layout)
   parts, weights = sources.streams(dc.replace(seed=seed), process_index, process_count)
   ds: grain.IterDataset = PackBatches(parts, weights, Prepare(tok, scfg, layout, seed), spec, layout,
-                                      dc.max_buffer)
+                                      dc.max_buffer, HealthLimits.from_data_config(dc))
   if dc.num_workers > 0:
     _ensure_absl_flags()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=dc.num_workers,
@@ -438,33 +510,154 @@ def make_training_input(config, model_cfg, local_spec: BatchSpec, process_index:
   if not local_spec.pixel_mode and any(s.type == "synthetic" for s in dc.sources):
     raise ValueError("the synthetic data needs pixel-mode batches (the VAE runs in the step): set "
                      "config.batch.vae_image_capacity > 0 and config.batch.vae_image_size (e.g. 16 and 32)")
+  tok = tok_lib.load_tokenizer(dc.tokenizer)
+  if tok.vocab_size > model_cfg.llm.vocab_size:
+    raise ValueError(f"config.data.tokenizer={dc.tokenizer!r} has {tok.vocab_size} tokens, more than the model's "
+                     f"vocabulary of {model_cfg.llm.vocab_size} (train one with --vocab-size <= "
+                     f"{model_cfg.llm.vocab_size}: python -m bagel_jax.data.train_tokenizer)")
   return make_pipeline(dc, local_spec, LayoutConfig.from_model_config(model_cfg), dc.seed, process_index,
-                       process_count)
+                       process_count, tokenizer=tok)
 
 
-def max_sample_requirements(config, model_cfg, *, per_source: int = 128) -> Dict[str, int]:
-  """Per-row resources of the largest sample among the first `per_source` records of each source, laid out
-  without CFG dropout (so at full size): keys tokens, vit_tokens, latent_tokens, und_tokens, ce, images,
-  vae_images. An estimate for config checks; the packer still skips any longer sample as `too_long`."""
-  dc = data_config_from(config)
+def _capacity_spec(config, model_cfg, batch_size: int = 1) -> BatchSpec:
+  """One row of `config.batch` (capacities as the trainer's BatchSpec), for the start-up scan."""
   b = config.batch
   pixel = int(b.get("vae_image_capacity", 0)) > 0
-  spec = BatchSpec(batch_size=1, seq_len=max(int(b.seq_len), 1), vit_capacity=0, latent_capacity=0,
-                   image_capacity=0, vit_patch_dim=model_cfg.vit.patch_dim, latent_dim=model_cfg.latent_channels,
-                   vae_image_capacity=1 if pixel else 0,
+  seq = max(int(b.seq_len), 1)
+  return BatchSpec(batch_size=batch_size, seq_len=seq, vit_capacity=int(b.get("vit_capacity", 0)),
+                   latent_capacity=int(b.get("latent_capacity", 0)), image_capacity=int(b.get("image_capacity", 0)),
+                   vit_patch_dim=model_cfg.vit.patch_dim, latent_dim=model_cfg.latent_channels,
+                   und_capacity=int(b.get("und_capacity", 0)) or None, ce_capacity=int(b.get("ce_capacity", 0)) or None,
+                   vae_image_capacity=int(b.get("vae_image_capacity", 0)) if pixel else 0,
                    vae_image_size=int(b.get("vae_image_size", 0)) if pixel else 0,
                    latent_downsample=model_cfg.latent_downsample)
+
+
+@dataclasses.dataclass
+class SourceScan:
+  """The first-pass check of one source: its size, and what became of its first `scanned` records."""
+  name: str
+  what: str
+  records: int
+  scanned: int = 0
+  ok: int = 0
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  examples: Dict[str, str] = dataclasses.field(default_factory=dict)
+  largest: Optional[np.ndarray] = None      # max need over the samples that fit a row
+
+  def line(self) -> str:
+    skips = ", ".join(f"{r} {n}" for r, n in self.skipped.most_common())
+    return (f"  {self.name:<12} {self.what:<48} {self.records:>9,} records; first {self.scanned}: {self.ok} ok"
+            + (f", skipped: {skips}" if skips else ""))
+
+
+@dataclasses.dataclass
+class StartupScan:
+  sources: List[SourceScan]
+  need: Dict[str, int]                      # per-row requirement of the largest sample that fits
+  tokenizer: str
+  vocab_size: int
+  texts: int = 0
+  tokens_mean: float = 0.0
+  tokens_max: int = 0
+  unk_rate: float = 0.0
+
+  def report(self) -> str:
+    lines = ["data sources (first-pass check of each source's first records; too_long = does not fit config.batch):"]
+    lines += [s.line() for s in self.sources]
+    for s in self.sources:
+      for reason, ex in s.examples.items():
+        lines.append(f"    {s.name} {reason}: {ex}")
+    lines.append(f"tokenizer: {self.tokenizer} (vocab {self.vocab_size}); {self.texts} texts scanned: tokens per "
+                 f"text mean {self.tokens_mean:.1f} max {self.tokens_max}; <unk> rate {self.unk_rate:.2%}")
+    return "\n".join(lines)
+
+
+def tokenizer_name(tok, path: str) -> str:
+  return f"{type(tok).__name__} {path}" if path else f"{type(tok).__name__} (the synthetic word vocabulary)"
+
+
+def startup_scan(config, model_cfg, *, per_source: int = 128) -> StartupScan:
+  """Reads each source's first `per_source` records through the real sample preparation (no CFG dropout, so
+  at full size) against one row of `config.batch`: record counts, ok/skipped by reason, the largest sample
+  that fits, and tokenizer statistics over the scanned texts.
+
+  Over-long records are counted as `too_long`, not fatal. Raises ValueError, naming the records and reasons,
+  when a weighted source has no usable record among those scanned (the run could only skip) or when no record
+  of any source fits a row (naming the smallest one and the capacity it exceeds)."""
+  dc = data_config_from(config)
+  spec = _capacity_spec(config, model_cfg)
+  cap = spec_capacity(spec)
+  if not spec.pixel_mode:
+    cap[NEEDS.index("vae_images")] = np.iinfo(np.int64).max
   layout = LayoutConfig.from_model_config(model_cfg)
   tok = tok_lib.load_tokenizer(dc.tokenizer)
   prep = Prepare(tok, sample_config(dc, spec, layout, no_dropout=True), layout, dc.seed)
+  weights = dc.weights()
+  scans: List[SourceScan] = []
   need = np.zeros(len(NEEDS), np.int64)
+  smallest: Optional[Tuple[int, str, str]] = None  # (tokens, where, what exceeds)
+  n_texts = n_tokens = n_unk = max_tokens = 0
+  unk = getattr(tok, "unk", None)
   for k, s in enumerate(dc.sources):
     src = sources.SafeSource(sources.open_source(s, dc), s.name)
+    scan = SourceScan(s.name, f"{s.type} {s.path or s.task}"[-48:], len(src))
     for i in range(min(per_source, len(src))):
-      p = prep((k, i, src[i]))
-      if isinstance(p, Prepared):
-        need = np.maximum(need, p.need)
-  return {k: int(v) for k, v in zip(NEEDS, need)}
+      rec = src[i]
+      scan.scanned += 1
+      if isinstance(rec, dict):
+        for t in rec.get("texts") or []:
+          if isinstance(t, (bytes, np.bytes_)):
+            try:
+              t = bytes(t).decode("utf-8")
+            except UnicodeDecodeError:
+              continue
+          if isinstance(t, str) and t:
+            ids = tok.encode(t)
+            n_texts += 1
+            n_tokens += len(ids)
+            max_tokens = max(max_tokens, len(ids))
+            n_unk += sum(1 for x in ids if x == unk) if unk is not None else 0
+      p = prep((k, i, rec))
+      if isinstance(p, Skipped):
+        scan.skipped[p.reason] += 1
+        scan.examples.setdefault(p.reason, p.detail)
+        continue
+      if np.any(p.need > cap):
+        over = ", ".join(f"{n} {v}>{c}" for n, v, c in zip(NEEDS, p.need, cap) if v > c)
+        where = rec.get("_where", f"{s.name}[{i}]") if isinstance(rec, dict) else f"{s.name}[{i}]"
+        scan.skipped["too_long"] += 1
+        scan.examples.setdefault("too_long", f"{where}: {over}")
+        if smallest is None or p.need[0] < smallest[0]:
+          smallest = (int(p.need[0]), where, over)
+        continue
+      scan.ok += 1
+      need = np.maximum(need, p.need)
+    scans.append(scan)
+  result = StartupScan(scans, {k: int(v) for k, v in zip(NEEDS, need)}, tokenizer_name(tok, dc.tokenizer),
+                       int(tok.vocab_size), n_texts, n_tokens / max(n_texts, 1), max_tokens,
+                       n_unk / max(n_tokens, 1))
+  dead = [sc for sc in scans if sc.scanned and not sc.ok and weights.get(sc.name, 0) > 0
+          and set(sc.skipped) != {"too_long"}]
+  if dead:
+    raise ValueError("data: no usable record among the first records of source(s) "
+                     f"{[sc.name for sc in dead]}; the run could only skip:\n" + result.report())
+  if not any(sc.ok for sc in scans) and smallest is not None:
+    raise ValueError(f"data: no scanned record fits one row of config.batch; the smallest, {smallest[1]}, needs "
+                     f"{smallest[2]} (raise those config.batch capacities, or shorten the records)\n"
+                     + result.report())
+  return result
+
+
+def max_sample_requirements(config, model_cfg, *, per_source: int = 128, verbose: bool = True) -> Dict[str, int]:
+  """Per-row resources of the largest sample that fits a row among the first `per_source` records of each
+  source (`startup_scan`), keys tokens, vit_tokens, latent_tokens, und_tokens, ce, images, vae_images; prints
+  the start-up data report when `verbose`. Records that do not fit are counted, not fatal; the packer skips
+  them as `too_long` at run time too."""
+  scan = startup_scan(config, model_cfg, per_source=per_source)
+  if verbose:
+    print(scan.report(), flush=True)
+  return scan.need
 
 
 def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh, sharding=None) -> Dict[str, Any]:

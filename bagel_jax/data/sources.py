@@ -11,7 +11,10 @@ image files into bytes here, so a missing file is a record-level problem, not a 
 - `synthetic.SyntheticSource`: procedural records.
 
 `SafeSource` wraps any of them so that `__getitem__` never raises for bad data: it returns `Skipped(reason)`
-(missing_file, bad_json, bad_field, ...), which the pipeline counts. `mix()` shuffles each source with its own
+(missing_file, bad_json, bad_utf8, bad_field, bad_record, ...), which the pipeline counts. Invalid UTF-8 is
+`bad_utf8`, JSON nested too deeply to parse is `bad_json`, any other error a source raises on one record is
+`bad_record`; every file-based record carries `_where` (`file:line`, `file:row` or `shard:key`) so skip
+examples point at the offending line. `mix()` shuffles each source with its own
 seed, repeats it and interleaves the sources by weight with `grain.MapDataset.mix` (a fixed, seed-independent
 pattern, so the mixture ratio is exact over every window, not just in expectation).
 """
@@ -58,7 +61,10 @@ def _resolve_images(images: Any, base_dir: str, where: str) -> List[bytes]:
     if isinstance(im, (bytes, bytearray)):
       out.append(bytes(im))
     elif isinstance(im, str):
-      out.append(_read_file(im if os.path.isabs(im) else os.path.join(base_dir, im)))
+      try:
+        out.append(_read_file(im if os.path.isabs(im) else os.path.join(base_dir, im)))
+      except SkipSample as e:
+        raise SkipSample(e.reason, f"{where}: {e.detail}") from e
     else:
       raise SkipSample("bad_field", f"{where}: images[{i}] must be a path or bytes, got {type(im).__name__}")
   return out
@@ -69,18 +75,39 @@ def _names(images) -> list:
   return [im if isinstance(im, str) else "" for im in images] if isinstance(images, (list, tuple)) else []
 
 
+def parse_json_record(data: bytes, where: str) -> Dict[str, Any]:
+  """bytes -> a JSON object, or SkipSample: bad_utf8 (not UTF-8), bad_json (syntax, or nested too deeply for
+  the parser), bad_field (valid JSON that is not an object)."""
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise SkipSample("bad_utf8", f"{where}: {e}") from e
+  try:
+    rec = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise SkipSample("bad_json", f"{where}: {e}") from e
+  except RecursionError as e:
+    raise SkipSample("bad_json", f"{where}: nested too deeply to parse") from e
+  if not isinstance(rec, dict):
+    raise SkipSample("bad_field", f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+  return rec
+
+
 class JsonlSource:
-  """JSON-lines manifest; line offsets are indexed once so access is random and the file is not held in memory."""
+  """JSON-lines manifest; line offsets are indexed once so access is random and the file is not held in memory.
+  Blank lines are not records; `lines[i]` is record i's 1-based line number (for `file:line` in skip reports)."""
 
   def __init__(self, path: str):
     self.path = os.path.abspath(path)
     self.base = os.path.dirname(self.path)
     self.offsets: List[int] = []
+    self.lines: List[int] = []
     with open(self.path, "rb") as f:
       pos = 0
-      for line in f:
+      for n, line in enumerate(f, 1):
         if line.strip():
           self.offsets.append(pos)
+          self.lines.append(n)
         pos += len(line)
 
   def __len__(self):
@@ -90,14 +117,9 @@ class JsonlSource:
     with open(self.path, "rb") as f:
       f.seek(self.offsets[index])
       line = f.readline()
-    where = f"{self.path}:{index}"
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise SkipSample("bad_json", f"{where}: {e}") from e
-    if not isinstance(rec, dict):
-      raise SkipSample("bad_field", f"{where}: a record must be a JSON object")
-    rec = dict(rec)
+    where = f"{self.path}:{self.lines[index]}"
+    rec = dict(parse_json_record(line, where))
+    rec["_where"] = where
     rec["_image_names"] = _names(rec.get("images"))
     rec["images"] = _resolve_images(rec.get("images", []), self.base, where)
     return rec
@@ -133,8 +155,10 @@ class ParquetSource:
     if self._cache[0] != g:
       self._cache = (g, self._file().read_row_group(g).to_pylist())
     rec = dict(self._cache[1][index - int(self.group_starts[g])])
+    where = f"{self.path}:row {index}"
+    rec["_where"] = where
     rec["_image_names"] = _names(rec.get("images"))
-    rec["images"] = _resolve_images(rec.get("images") or [], self.base, f"{self.path}:{index}")
+    rec["images"] = _resolve_images(rec.get("images") or [], self.base, where)
     return rec
 
   def __getstate__(self):
@@ -184,12 +208,7 @@ class TarSource:
   def __getitem__(self, index: int) -> Dict[str, Any]:
     shard, key, members = self.entries[int(index)]
     where = f"{self.paths[shard]}:{key}"
-    try:
-      rec = json.loads(self._read(shard, members["json"]))
-    except json.JSONDecodeError as e:
-      raise SkipSample("bad_json", f"{where}: {e}") from e
-    if not isinstance(rec, dict):
-      raise SkipSample("bad_field", f"{where}: a record must be a JSON object")
+    rec = parse_json_record(self._read(shard, members["json"]), where)
     images = rec.get("images", [])
     if not isinstance(images, list):
       raise SkipSample("bad_field", f"{where}: 'images' must be a list of member suffixes")
@@ -198,7 +217,7 @@ class TarSource:
       if s not in members:
         raise SkipSample("missing_file", f"{where}.{s}")
       out.append(self._read(shard, members[s]))
-    return dict(rec, images=out, _image_names=[f"{where}.{m}" for m in images])
+    return dict(rec, images=out, _image_names=[f"{where}.{m}" for m in images], _where=where)
 
 
 class TfdsSource:
@@ -240,6 +259,10 @@ class SafeSource:
       rec = self.source[index]
     except SkipSample as e:
       return Skipped(e.reason, e.detail, self.name)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, OSError) as e:
+      # a source's own parsing of one bad record (e.g. a malformed Parquet cell, a TFDS decode) must not end
+      # the run: count it; the pipeline's health limits stop runs where such records dominate
+      return Skipped("bad_record", f"{self.name}[{index}]: {type(e).__name__}: {e}", self.name)
     if isinstance(rec, dict):
       rec = dict(rec)
       rec["_source"] = self.name

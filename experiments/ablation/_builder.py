@@ -7,6 +7,7 @@ Two sizes of the same recipe, picked by `size=`:
 Every variant sees the same data, seeds and hyper-parameters; only the field under study differs. The
 layer variants have equal active FLOPs per token (hard routing sends each token through one expert).
 """
+from bagel_jax.models.config import LAYER_VARIANTS
 from experiments import common
 
 # Paper hyper-parameters at 1.5B (PT recipe, 10K steps) and their tiny-scale equivalents.
@@ -19,8 +20,11 @@ SIZES = {
 def ablation_config(name: str, arg, *, variant: str = "mot", gen_und: float = 4.0, ce_weight: float = 0.25,
                     lr_scale: float = 1.0, **extra_args):
   """Parses `arg` (size, seed, steps, topology, ... plus `extra_args`) and returns (config, parsed arg)."""
-  arg = common.parse_arg(arg, size="tiny", seed=0, steps=0, topology="v6e-256", variant=variant,
-                         gen_und=gen_und, ce_weight=ce_weight, lr=0.0, vae="random", **extra_args)
+  arg = common.parse_arg(arg, size=common.Arg("tiny", choices=SIZES), seed=common.Arg(0, min=0),
+                         steps=common.Arg(0, min=1), topology="v6e-256",
+                         variant=common.Arg(variant, choices=LAYER_VARIANTS), gen_und=common.Arg(gen_und, min=0.0),
+                         ce_weight=common.Arg(ce_weight, min=0.0), lr=common.Arg(0.0, min=1e-12),
+                         vae=common.Arg("random", choices=("random", "synthetic")), **extra_args)
   if arg.size not in SIZES:
     raise ValueError(f"config arg size={arg.size!r}: choose one of {sorted(SIZES)}")
   size = SIZES[arg.size]
@@ -44,7 +48,8 @@ def ablation_config(name: str, arg, *, variant: str = "mot", gen_und: float = 4.
                         image_capacity=64))
     common.size_for_topology(c, arg.topology)
     common.fsdp_ici(c)
-    c.data = common.ml_collections.ConfigDict(dict(source="pipeline", seed=arg.seed, gen_und=arg.gen_und))
+    c.data = common.ml_collections.ConfigDict(dict(source="pipeline", seed=arg.seed, gen_und=arg.gen_und,
+                                                              sources=()))
     c.train.checkpoint_every = 1000
   c.data.seed = arg.seed
   c.optim.lr = (arg.lr or size["lr"]) * lr_scale

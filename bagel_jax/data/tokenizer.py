@@ -1,4 +1,6 @@
-"""Tokenizers: Qwen2.5 from a local `tokenizer.json`, or the shipped word-level vocabulary of the synthetic data.
+"""Tokenizers: any `tokenizers` `tokenizer.json` (Qwen2.5's, a converted release's, or one trained on one's own
+captions with `python -m bagel_jax.data.train_tokenizer`), or the shipped word-level vocabulary of the
+synthetic data.
 
 Both expose `encode(text) -> list[int]` (no special tokens added: the layout adds `<|im_start|>`/`<|im_end|>`
 around every text item), `decode(ids)`, `vocab_size` and `special` (a `sequence.SpecialTokens` with the ids of
@@ -109,6 +111,8 @@ class HFTokenizer:
         raise ValueError(f"HFTokenizer: {path} has no {token} token (needed as {role})")
       ids[role] = int(i)
     self.special = SpecialTokens(**ids)
+    unk = self.tok.token_to_id("<unk>")
+    self.unk = None if unk is None else int(unk)  # byte-level BPE never emits it; the start-up report counts it
 
   @property
   def vocab_size(self) -> int:

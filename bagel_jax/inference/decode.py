@@ -8,7 +8,7 @@ compiled function for every step and every sampling setting: temperature, top-p 
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -64,13 +64,16 @@ _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 def generate_text(params, config: BagelConfig, ctx: Context, *, max_new_tokens: int, do_sample: bool = False,
                   temperature: float = 1.0, top_p: float = 1.0, rng=None, return_logits: bool = False,
-                  forced: Optional[np.ndarray] = None, vocab_limit: Optional[int] = None) -> Tuple[List[List[int]], Context, Optional[list]]:
+                  forced: Optional[np.ndarray] = None, vocab_limit: Optional[int] = None,
+                  on_token: Optional[Callable[[List[List[int]]], None]] = None
+                  ) -> Tuple[List[List[int]], Context, Optional[list]]:
   """Greedy or sampled decoding for every row of `ctx` until `<|im_end|>` or `max_new_tokens`.
 
   Returns (generated ids per row without `<|im_start|>`/`<|im_end|>`, the context after decoding, and the
   logits of every step if asked). `forced` [B, T] feeds given tokens instead of sampled ones (teacher forcing:
   the cache-parity test). Like the official `gen_text`, callers that only want the text keep their own `ctx`:
-  the returned context also holds the generated tokens."""
+  the returned context also holds the generated tokens. `on_token`, if given, is called after every decoding
+  step with the ids generated so far per row (streaming to a user interface)."""
   if max_new_tokens <= 0:
     raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
   if do_sample and not (temperature > 0 and 0 < top_p <= 1):
@@ -107,6 +110,8 @@ def generate_text(params, config: BagelConfig, ctx: Context, *, max_new_tokens: 
         done[r] = True
       else:
         out[r].append(int(nxt[r]))
+    if on_token is not None:
+      on_token(out)
     if done.all():
       break
     tokens = np.where(done, 0, nxt).astype(np.int32)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -211,17 +211,22 @@ class Session:
     return prepared
 
   # -- outputs -------------------------------------------------------------------------------------------
-  def generate_text(self, text: TextConfig = TextConfig(), seed: Optional[int] = None) -> List[str]:
-    """Decodes from gen without changing it (the official `gen_text` works on a copy)."""
+  def generate_text(self, text: TextConfig = TextConfig(), seed: Optional[int] = None,
+                    on_text: Optional[Callable[[List[str]], None]] = None) -> List[str]:
+    """Decodes from gen without changing it (the official `gen_text` works on a copy). `on_text`, if given,
+    receives the text decoded so far per request after every token (streaming)."""
+    tok = self.model.tokenizer
+    on_token = None if on_text is None else (lambda ids: on_text([tok.decode(r) for r in ids]))
     ids, _, _ = decode_lib.generate_text(
         self.params, self.config, self.ctx.gen, max_new_tokens=text.max_new_tokens, do_sample=text.do_sample,
-        temperature=text.temperature, top_p=text.top_p, vocab_limit=self.model.tokenizer.vocab_size,
-        rng=jax.random.key(seed) if seed is not None else self._next_rng())
-    return [self.model.tokenizer.decode(r) for r in ids]
+        temperature=text.temperature, top_p=text.top_p, vocab_limit=tok.vocab_size,
+        rng=jax.random.key(seed) if seed is not None else self._next_rng(), on_token=on_token)
+    return [tok.decode(r) for r in ids]
 
-  def think(self, text: TextConfig = TextConfig(), seed: Optional[int] = None) -> List[str]:
+  def think(self, text: TextConfig = TextConfig(), seed: Optional[int] = None,
+            on_text: Optional[Callable[[List[str]], None]] = None) -> List[str]:
     """Generates the think text and appends it to gen only (official think mode)."""
-    out = self.generate_text(text, seed)
+    out = self.generate_text(text, seed, on_text)
     block = ctx_lib.text_block([self.model.tokenizer.encode(t) for t in out], self.model.special)
     self.ctx = self.ctx.add_generated_text(self.params, self.config, block)
     return out
@@ -239,9 +244,9 @@ class Session:
 
   def generate_image(self, gen: GenerationConfig = GenerationConfig(), *, height: Optional[int] = None,
                      width: Optional[int] = None, seed: Optional[int] = None, noise=None, progress: bool = False,
-                     reinsert: bool = False) -> np.ndarray:
+                     reinsert: bool = False, on_step: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
     """uint8 images [B, H, W, 3] from the three contexts; with `reinsert`, the result becomes clean VAE + ViT
-    context for whatever comes next."""
+    context for whatever comes next. `on_step(done, total)` reports each finished denoising step."""
     gen.check()
     h, w = self.image_size(height, width)
     f = self.config.latent_downsample
@@ -251,7 +256,7 @@ class Session:
         self.params, self.config, self.ctx, grid, rng=rng, noise=noise, num_timesteps=gen.num_timesteps,
         timestep_shift=gen.timestep_shift, cfg_text_scale=gen.cfg_text_scale, cfg_img_scale=gen.cfg_img_scale,
         cfg_interval=gen.cfg_interval, cfg_renorm_type=gen.cfg_renorm_type, cfg_renorm_min=gen.cfg_renorm_min,
-        progress=progress)
+        progress=progress, on_step=on_step)
     images = np.asarray(sampler_lib.decode_latents(self.params, lat, config=self.config, grid=grid))
     if reinsert:  # its own latents for the VAE block (no re-encode), its pixels through the ViT-side rule
       prepared = []

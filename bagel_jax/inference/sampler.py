@@ -17,7 +17,7 @@ One compiled step serves every step and both guided and unguided steps: the guid
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -133,11 +133,12 @@ def sample_latents(params, config: BagelConfig, contexts, grid: Tuple[int, int],
                    num_timesteps: int = 50, timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
                    cfg_img_scale: float = 1.0, cfg_interval: Sequence[float] = (0.4, 1.0),
                    cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0, progress: bool = False,
-                   desc: str = "denoising"):
+                   desc: str = "denoising", on_step: Optional[Callable[[int, int], None]] = None):
   """Generates clean latent tokens [B, h*w, C] (a jax array) for every row of `contexts`.
 
   `contexts`: a `CFGContexts` (guided) or a single `Context` (unguided: the scales are then irrelevant).
-  `noise` [B, h*w, C] overrides the initial N(0, I) draw from `rng` (reproducible across batch sizes)."""
+  `noise` [B, h*w, C] overrides the initial N(0, I) draw from `rng` (reproducible across batch sizes).
+  `on_step(done, total)`, if given, is called after each Euler step has finished computing (progress reports)."""
   check_guidance(cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min)
   if isinstance(contexts, Context):
     contexts = CFGContexts(contexts, contexts, contexts)
@@ -156,13 +157,16 @@ def sample_latents(params, config: BagelConfig, contexts, grid: Tuple[int, int],
   caches = (gen.cache, contexts.cfg_text.cache, contexts.cfg_img.cache)
   blk = {k: jnp.asarray(v) for k, v in block.items()}
   x = kv_lib.commit(jnp.asarray(noise, jnp.float32))  # as committed as the step's own output: one compile
-  for t, dt in tqdm(list(zip(ts, dts)), desc=desc, disable=not progress, leave=False):
+  for i, (t, dt) in enumerate(tqdm(list(zip(ts, dts)), desc=desc, disable=not progress, leave=False)):
     in_interval = cfg_interval[0] < t <= cfg_interval[1]
     use_text = bool(in_interval and cfg_text_scale > 1.0)
     use_img = bool(use_text and cfg_img_scale > 1.0)
     x = euler_step(params, caches, blk, x, jnp.float32(t), jnp.float32(dt), jnp.asarray(use_text),
                    jnp.asarray(use_img), jnp.float32(cfg_text_scale), jnp.float32(cfg_img_scale),
                    jnp.int32(RENORM_TYPES.index(cfg_renorm_type)), jnp.float32(cfg_renorm_min), config=config)
+    if on_step is not None:
+      x.block_until_ready()
+      on_step(i + 1, len(ts))
   return x
 
 

@@ -1,0 +1,475 @@
+"""`bagel-serve`: the web page over a checkpoint (Gradio Blocks over `backend.Backend`).
+
+    bagel-serve --checkpoint workdirs/demo [--step N] [--raw] [--port 7860] [--host 127.0.0.1]
+
+Tabs: understand (image + question -> streamed answer, optional think), generate (prompt, size, steps, text /
+image CFG scales, CFG interval, timestep shift, renorm, seed; a status line per denoising step), edit (upload +
+instruction), think (the model writes its plan, streamed, then the image) and checkpoint (step, tokens seen,
+loss curves, latest eval scores; load another checkpoint or step).
+
+Why Gradio: it is what the field's model demos (the official BAGEL app included) are written in, it is
+maintained, its components cover every control here (image upload with preview, sliders, streamed text, a
+request queue with a concurrency limit) and a page comes with no front-end code of our own. Its queue runs every
+model event under one concurrency slot (`concurrency_id="model"`, limit 1), and `Backend.lock` enforces the same
+below it: requests wait their turn, never run together on one model. Offline by construction: analytics off,
+no share link, no server-side rendering (no Node), system fonts only (the default theme would fetch web fonts).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+# Before gradio is imported anywhere: no telemetry and no version check from a local demo.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+for _k in ("NO_PROXY", "no_proxy"):  # gradio checks its own startup through localhost
+  os.environ[_k] = ",".join(x for x in (os.environ.get(_k, ""), "127.0.0.1,localhost") if x)
+
+from bagel_jax.serve import backend as backend_lib  # noqa: E402
+from bagel_jax.serve.backend import Backend, Sampling, UserError  # noqa: E402
+
+log = logging.getLogger("bagel_serve")
+
+ERROR_PREFIX = "Error:"
+CSS = """
+.pixelated img { image-rendering: pixelated; }
+#und-status, #gen-status, #edit-status, #think-status, #ckpt-status { min-height: 2em; }
+"""
+
+
+def _gradio():
+  import gradio as gr  # pylint: disable=import-outside-toplevel
+  return gr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running a request off the event thread, with progress events.
+# ----------------------------------------------------------------------------------------------------------
+
+def run_with_events(job: Callable[[Callable[..., None]], Any]) -> Iterator[Tuple]:
+  """Runs job(emit) in a worker thread and yields its events: whatever it emits ("text", str) / ("step", k, n),
+  then ("done", result) or ("error", message). Bursts are coalesced: of several queued progress events only the
+  newest is yielded. The worker finishes its request even if the page goes away (the model lock is released
+  by the request itself)."""
+  q: "queue.Queue[Tuple]" = queue.Queue()
+
+  def work():
+    try:
+      q.put(("done", job(lambda *ev: q.put(ev))))
+    except UserError as e:
+      q.put(("error", str(e)))
+    except Exception as e:  # pylint: disable=broad-except
+      log.exception("request failed")
+      q.put(("error", f"internal error ({type(e).__name__}: {e}); the server keeps running"))
+
+  threading.Thread(target=work, daemon=True, name="bagel-serve-request").start()
+  while True:
+    evs = [q.get()]
+    while True:
+      try:
+        evs.append(q.get_nowait())
+      except queue.Empty:
+        break
+    final = [e for e in evs if e[0] in ("done", "error")]
+    latest: Dict[str, Tuple] = {}
+    for e in evs:
+      if e[0] not in ("done", "error"):
+        latest[e[0]] = e
+    yield from latest.values()
+    if final:
+      yield final[0]
+      return
+
+
+def error_text(msg: str) -> str:
+  return f"{ERROR_PREFIX} {msg}"
+
+
+def _split_live(text: str) -> Tuple[str, str]:
+  """Streaming think text: (plan so far, answer so far)."""
+  if "</think>" in text:
+    from bagel_jax.inference.inferencer import split_think  # pylint: disable=import-outside-toplevel
+    return split_think(text)
+  return text.replace("<think>", "").strip(), ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Event handlers (generators: every yield updates the page).
+# ----------------------------------------------------------------------------------------------------------
+
+class Handlers:
+  """The page's callbacks over one Backend; plain generators, so tests can drive them without a browser."""
+
+  def __init__(self, backend: Backend):
+    self.backend = backend
+
+  def understand(self, image, question, think, max_new_tokens, do_sample, temperature, seed):
+    gr = _gradio()
+    t0 = time.time()
+    yield "", "", "thinking ..." if think else "reading the image ..." if image else "answering ..."
+    n = 0
+    for ev in run_with_events(lambda emit: self.backend.understand(
+        image, question, think=bool(think), max_new_tokens=max_new_tokens, do_sample=bool(do_sample),
+        temperature=temperature, seed=seed, on_text=lambda t: emit("text", t))):
+      if ev[0] == "text":
+        n += 1
+        plan, answer = _split_live(ev[1]) if think else ("", ev[1])
+        yield answer, plan, f"decoding ... ({time.time() - t0:.1f} s)"
+      elif ev[0] == "error":
+        yield gr.skip(), gr.skip(), error_text(ev[1])
+      else:
+        r = ev[1]
+        shown = r["answer"] if r["answer"] else "(the model answered with an empty text)"
+        yield shown, r["think"], f"answered in {r['seconds']:.1f} s"
+
+  def _image_job(self, outputs_think: bool, prompt, image, think, sampling, height, width, seed,
+                 max_think_tokens):
+    gr = _gradio()
+    t0 = time.time()
+    skip = (gr.skip(),) if outputs_think else ()
+    yield skip + (gr.skip(), "queued / preparing ...")
+    for ev in run_with_events(lambda emit: self.backend.generate(
+        prompt, image=image, think=bool(think), sampling=sampling, height=height, width=width, seed=seed,
+        max_think_tokens=max_think_tokens, on_step=lambda k, n: emit("step", k, n),
+        on_text=lambda t: emit("text", t))):
+      if ev[0] == "text":
+        plan = ev[1].replace("<think>", "").replace("</think>", "").strip()
+        yield ((plan,) if outputs_think else ()) + (gr.skip(), f"thinking ... ({time.time() - t0:.1f} s)")
+      elif ev[0] == "step":
+        yield skip + (gr.skip(), f"denoising step {ev[1]}/{ev[2]} ({time.time() - t0:.1f} s)")
+      elif ev[0] == "error":
+        yield skip + (gr.skip(), error_text(ev[1]))
+      else:
+        r = ev[1]
+        h, w = r["image"].shape[:2]
+        yield (((r["think"],) if outputs_think else ()) +
+               (r["image"], f"done: {w}x{h} px, {r['steps']}/{r['steps']} denoising steps, {r['seconds']:.1f} s"))
+
+  def generate(self, prompt, height, width, seed, *sampler):
+    yield from self._image_job(False, prompt, None, False, sampling_from(sampler), height, width, seed, 64)
+
+  def edit(self, image, instruction, seed, *sampler):
+    if not image:
+      yield _gradio().skip(), error_text("upload an image to edit first")
+      return
+    yield from self._image_job(False, instruction, image, False, sampling_from(sampler), None, None, seed, 64)
+
+  def think(self, prompt, image, max_think_tokens, height, width, seed, *sampler):
+    yield from self._image_job(True, prompt, image or None, True, sampling_from(sampler), height, width, seed,
+                               max_think_tokens)
+
+  def checkpoint(self):
+    """(header, info markdown, loss curves, eval markdown, steps dropdown update)."""
+    gr = _gradio()
+    info = self.backend.checkpoint_info()
+    choices = ["latest"] + [str(s) for s in info["steps"]]
+    return (header_markdown(info), info_markdown(info), info["loss_curves"], eval_markdown(info["eval"]),
+            gr.update(choices=choices, value=str(info["step"]) if info["step"] is not None else "latest"))
+
+  def load(self, path, step, raw):
+    gr = _gradio()
+    try:
+      s = None if step in (None, "", "latest") else backend_lib._int(step, "step", 0, 10**12)  # pylint: disable=protected-access
+      self.backend.reload(path, s, use_ema=not raw)
+    except UserError as e:
+      return (gr.skip(),) * 5 + (error_text(str(e)),)
+    info = self.backend.checkpoint_info()
+    return self.checkpoint() + (f"loaded step {info['step']} ({info['weights']}) from {info['checkpoint']}",)
+
+
+def sampling_from(values) -> Sampling:
+  steps, text_scale, img_scale, lo, hi, shift, renorm, renorm_min = values
+  return Sampling(num_timesteps=steps, cfg_text_scale=text_scale, cfg_img_scale=img_scale, cfg_interval=(lo, hi),
+                  timestep_shift=shift, cfg_renorm_type=renorm, cfg_renorm_min=renorm_min)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Markdown of the checkpoint panel.
+# ----------------------------------------------------------------------------------------------------------
+
+def _tokens(n: Optional[float]) -> str:
+  if n is None:
+    return "unknown (no metrics.jsonl beside the checkpoint)"
+  for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if n >= div:
+      return f"{n / div:.2f}{unit} ({int(n):,})"
+  return f"{int(n):,}"
+
+
+def header_markdown(info: Dict[str, Any]) -> str:
+  return (f"## BAGEL-jax · step {info['step']} ({info['weights']} weights)\n"
+          f"`{info['checkpoint']}` · {info['preset']}")
+
+
+def info_markdown(info: Dict[str, Any]) -> str:
+  rows = [("checkpoint", f"`{info['checkpoint']}`"), ("step", str(info["step"])),
+          ("weights", f"{info['weights']} ({'EMA' if info['weights'] == 'ema' else 'raw training weights'})"),
+          ("saved steps", ", ".join(map(str, info["steps"])) or "-"), ("tokens seen", _tokens(info["tokens_seen"])),
+          ("model", info["preset"])]
+  for k, v in info["metrics"].items():
+    rows.append((f"{k} (last log)", f"{v:.4g}" if isinstance(v, float) else str(v)))
+  return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def eval_markdown(ev: Optional[Dict[str, Any]]) -> str:
+  if not ev:
+    return "No evaluation yet: `bagel-eval --checkpoint WORKDIR` writes `eval/step_N/scores.json`."
+  head = f"**Latest eval scores** (step {ev['step']}, {ev['weights']} weights; `{ev['path']}`)\n\n"
+  return head + "| suite | score |\n|---|---|\n" + "\n".join(f"| {k} | {v:.3f} |" for k, v in ev["scores"].items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The page.
+# ----------------------------------------------------------------------------------------------------------
+
+def _upload_image_class():
+  """gr.Image that hands the uploaded file's path to the handler untouched: the handler opens it and answers
+  a non-image or an oversized image with a message, instead of an exception inside Gradio's own decoding."""
+  gr = _gradio()
+from gradio.events import Dependency
+
+  class UploadImage(gr.Image):
+    is_template = True  # Gradio's mechanism for subclasses: the front end is gr.Image's
+
+    def preprocess(self, payload):
+      if payload is None:
+        return None
+      return getattr(payload, "path", None)
+
+  return UploadImage
+
+
+def _sampler_controls(defaults: Sampling, model, prefix: str) -> List[Any]:
+  gr = _gradio()
+  with gr.Row():
+    steps = gr.Slider(2, 200, value=defaults.num_timesteps, step=1, label="steps (schedule points)",
+                      elem_id=f"{prefix}-steps")
+    shift = gr.Slider(0.5, 10.0, value=defaults.timestep_shift, step=0.1, label="timestep shift",
+                      elem_id=f"{prefix}-shift")
+  with gr.Row():
+    text_scale = gr.Slider(1.0, 10.0, value=defaults.cfg_text_scale, step=0.1, label="text CFG scale",
+                           elem_id=f"{prefix}-cfg-text")
+    img_scale = gr.Slider(1.0, 5.0, value=defaults.cfg_img_scale, step=0.1, label="image CFG scale",
+                          elem_id=f"{prefix}-cfg-img")
+  with gr.Row():
+    lo = gr.Slider(0.0, 1.0, value=defaults.cfg_interval[0], step=0.05, label="CFG interval start (t)",
+                   elem_id=f"{prefix}-cfg-lo")
+    hi = gr.Slider(0.0, 1.0, value=defaults.cfg_interval[1], step=0.05, label="CFG interval end (t)",
+                   elem_id=f"{prefix}-cfg-hi")
+  with gr.Row():
+    renorm = gr.Dropdown(["global", "channel", "text_channel"], value=defaults.cfg_renorm_type,
+                         label="CFG renorm", elem_id=f"{prefix}-renorm")
+    renorm_min = gr.Slider(0.0, 1.0, value=defaults.cfg_renorm_min, step=0.05, label="renorm min",
+                           elem_id=f"{prefix}-renorm-min")
+  del model
+  return [steps, text_scale, img_scale, lo, hi, shift, renorm, renorm_min]
+
+
+def build_app(backend: Backend, *, default_steps: int = 50):
+  """The gr.Blocks page over `backend` (not launched)."""
+  from bagel_jax.inference import inferencer as inf  # pylint: disable=import-outside-toplevel
+  gr = _gradio()
+  h = Handlers(backend)
+  m = backend.model
+  f, side = m.config.latent_downsample, m.config.max_latent_size
+  gen_h, gen_w = m.gen_size
+  shift = m.timestep_shift or 3.0
+  t2i = Sampling.from_config(inf.GenerationConfig.default_t2i(num_timesteps=default_steps, timestep_shift=shift))
+  edt = Sampling.from_config(inf.GenerationConfig.default_edit(num_timesteps=default_steps, timestep_shift=shift))
+  UploadImage = _upload_image_class()  # pylint: disable=invalid-name
+  model_events = dict(concurrency_limit=1, concurrency_id="model")
+
+  def size_controls(prefix):
+    with gr.Row():
+      hh = gr.Slider(f, f * side, value=gen_h, step=f, label=f"height (px, multiple of {f})", elem_id=f"{prefix}-height")
+      ww = gr.Slider(f, f * side, value=gen_w, step=f, label=f"width (px, multiple of {f})", elem_id=f"{prefix}-width")
+      sd = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id=f"{prefix}-seed")
+    return hh, ww, sd
+
+  info = backend.checkpoint_info()
+  with gr.Blocks(title="bagel-serve", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+    header = gr.Markdown(header_markdown(info), elem_id="header")
+    with gr.Tabs(elem_id="tabs"):
+      with gr.Tab("Understand", id="understand", elem_id="tab-understand"):
+        with gr.Row():
+          with gr.Column():
+            u_img = UploadImage(type="filepath", label="image (optional)", sources=["upload", "clipboard"],
+                                height=256, elem_id="und-image", elem_classes="pixelated")
+            u_q = gr.Textbox(label="question", placeholder="what color is the circle?", elem_id="und-question")
+            with gr.Row():
+              u_think = gr.Checkbox(False, label="think first (reasoning before the answer)", elem_id="und-think")
+              u_sample = gr.Checkbox(False, label="sample (else greedy)", elem_id="und-sample")
+            with gr.Row():
+              u_max = gr.Slider(1, backend_lib.MAX_NEW_TOKENS, value=64, step=1, label="max new tokens",
+                                elem_id="und-max-tokens")
+              u_temp = gr.Slider(0.05, 2.0, value=0.3, step=0.05, label="temperature", elem_id="und-temperature")
+              u_seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="und-seed")
+            u_run = gr.Button("Ask", variant="primary", elem_id="und-run")
+          with gr.Column():
+            u_answer = gr.Textbox(label="answer", lines=4, interactive=False, elem_id="und-answer")
+            u_plan = gr.Textbox(label="reasoning (think mode)", lines=3, interactive=False, elem_id="und-reasoning")
+            u_status = gr.Markdown(elem_id="und-status")
+        u_inputs = [u_img, u_q, u_think, u_max, u_sample, u_temp, u_seed]
+        u_outputs = [u_answer, u_plan, u_status]
+        u_run.click(h.understand, u_inputs, u_outputs, **model_events)
+        u_q.submit(h.understand, u_inputs, u_outputs, **model_events)
+
+      with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+        with gr.Row():
+          with gr.Column():
+            g_prompt = gr.Textbox(label="prompt", placeholder="a red circle left of a blue square",
+                                  elem_id="gen-prompt")
+            g_h, g_w, g_seed = size_controls("gen")
+            with gr.Accordion("sampler", open=True):
+              g_sampler = _sampler_controls(t2i, m, "gen")
+            g_run = gr.Button("Generate", variant="primary", elem_id="gen-run")
+          with gr.Column():
+            g_out = gr.Image(label="generated image", type="numpy", format="png", interactive=False, height=320,
+                             elem_id="gen-image", elem_classes="pixelated")
+            g_status = gr.Markdown(elem_id="gen-status")
+        g_inputs = [g_prompt, g_h, g_w, g_seed] + g_sampler
+        g_run.click(h.generate, g_inputs, [g_out, g_status], **model_events)
+
+      with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
+        with gr.Row():
+          with gr.Column():
+            e_img = UploadImage(type="filepath", label="image to edit", sources=["upload", "clipboard"],
+                                height=256, elem_id="edit-image", elem_classes="pixelated")
+            e_instr = gr.Textbox(label="instruction", placeholder="make the blue square red",
+                                 elem_id="edit-instruction")
+            e_seed = gr.Number(value=0, precision=0, minimum=0, label="seed", elem_id="edit-seed")
+            with gr.Accordion("sampler", open=False):
+              e_sampler = _sampler_controls(edt, m, "edit")
+            e_run = gr.Button("Edit", variant="primary", elem_id="edit-run")
+          with gr.Column():
+            e_out = gr.Image(label="edited image (the source's size)", type="numpy", format="png",
+                             interactive=False, height=320, elem_id="edit-output", elem_classes="pixelated")
+            e_status = gr.Markdown(elem_id="edit-status")
+        e_run.click(h.edit, [e_img, e_instr, e_seed] + e_sampler, [e_out, e_status], **model_events)
+
+      with gr.Tab("Think", id="think", elem_id="tab-think"):
+        gr.Markdown("The model first writes its reasoning (a plan in `<think>` tags), then generates the image "
+                    "from the prompt and the plan. Add an image to think about an edit instead.")
+        with gr.Row():
+          with gr.Column():
+            t_prompt = gr.Textbox(label="prompt", placeholder="a scene that shows the opposite of a big red circle",
+                                  elem_id="think-prompt")
+            t_img = UploadImage(type="filepath", label="image (optional: edit)", sources=["upload", "clipboard"],
+                                height=160, elem_id="think-image", elem_classes="pixelated")
+            t_max = gr.Slider(1, backend_lib.MAX_NEW_TOKENS, value=64, step=1, label="max reasoning tokens",
+                              elem_id="think-max-tokens")
+            t_h, t_w, t_seed = size_controls("think")
+            with gr.Accordion("sampler", open=False):
+              t_sampler = _sampler_controls(t2i, m, "think")
+            t_run = gr.Button("Think and generate", variant="primary", elem_id="think-run")
+          with gr.Column():
+            t_plan = gr.Textbox(label="reasoning", lines=4, interactive=False, elem_id="think-reasoning")
+            t_out = gr.Image(label="generated image", type="numpy", format="png", interactive=False, height=256,
+                             elem_id="think-output", elem_classes="pixelated")
+            t_status = gr.Markdown(elem_id="think-status")
+        t_run.click(h.think, [t_prompt, t_img, t_max, t_h, t_w, t_seed] + t_sampler, [t_plan, t_out, t_status],
+                    **model_events)
+
+      with gr.Tab("Checkpoint", id="checkpoint", elem_id="tab-checkpoint"):
+        with gr.Row():
+          with gr.Column(scale=3):
+            c_info = gr.Markdown(info_markdown(info), elem_id="ckpt-info")
+            c_eval = gr.Markdown(eval_markdown(info["eval"]), elem_id="ckpt-eval")
+          with gr.Column(scale=4):
+            c_curves = gr.Image(info["loss_curves"], label="loss curves", type="filepath", interactive=False,
+                                elem_id="ckpt-curves")
+        with gr.Row():
+          c_path = gr.Textbox(info["workdir"] or info["checkpoint"], label="checkpoint (workdir, checkpoint dir or "
+                              "converted release)", scale=4, elem_id="ckpt-path")
+          c_step = gr.Dropdown(["latest"] + [str(s) for s in info["steps"]], value=str(info["step"]),
+                               allow_custom_value=True, label="step", scale=1, elem_id="ckpt-step")
+          c_raw = gr.Checkbox(info["weights"] == "params", label="raw weights (else EMA)", scale=1,
+                              elem_id="ckpt-raw")
+        with gr.Row():
+          c_load = gr.Button("Load", variant="primary", elem_id="ckpt-load")
+          c_refresh = gr.Button("Refresh (training still running?)", elem_id="ckpt-refresh")
+        c_status = gr.Markdown(elem_id="ckpt-status")
+        c_outputs = [header, c_info, c_curves, c_eval, c_step]
+        c_load.click(h.load, [c_path, c_step, c_raw], c_outputs + [c_status], **model_events)
+        c_refresh.click(h.checkpoint, None, c_outputs)
+  app.queue(default_concurrency_limit=1, max_size=256)
+  return app
+
+
+def theme():
+  gr = _gradio()
+  # System fonts: the default theme's web fonts would be fetched from the internet by the browser.
+  return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                           font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
+def launch(app, host: str, port: int, block: bool = True):
+  return app.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
+                    prevent_thread_lock=not block, max_file_size=backend_lib.MAX_UPLOAD_BYTES, ssr_mode=False,
+                    mcp_server=False, theme=theme(), css=CSS, quiet=False)
+
+
+def warmup(backend: Backend, steps: int) -> float:
+  """One request of each kind, so the first user's request does not wait for compilation."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  t0 = time.time()
+  h, w = backend.model.gen_size
+  with tempfile.TemporaryDirectory() as d:
+    p = os.path.join(d, "warmup.png")
+    Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(p)
+    backend.understand(p, "what is in the image?", max_new_tokens=4)
+    backend.generate("a red circle", sampling=Sampling(num_timesteps=steps))
+    backend.generate("make it blue", image=p, sampling=Sampling.from_config(
+        backend_lib.inf.GenerationConfig.default_edit(num_timesteps=steps)))
+  return time.time() - t0
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(prog="bagel-serve", description="A local web page over a bagel-jax checkpoint: "
+                               "understand, generate, edit, think, and the checkpoint's training curves and scores.")
+  ap.add_argument("--checkpoint", required=True, help="training run workdir, checkpoint directory or converted "
+                  "official release (bagel-convert)")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  ap.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+  ap.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+  ap.add_argument("--port", type=int, default=7860)
+  ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, else the synthetic vocab)")
+  ap.add_argument("--image-size", type=int, default=None, help="input/output image side (default: the run's)")
+  ap.add_argument("--attention", default=None, help="attention_impl override (default: the checkpoint's)")
+  ap.add_argument("--default-steps", type=int, default=50, help="initial value of the steps sliders")
+  ap.add_argument("--warmup", action="store_true", help="compile every request kind before serving")
+  args = ap.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  for noisy in ("httpx", "absl"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  if not 2 <= args.default_steps <= 200:
+    ap.error("--default-steps must be from 2 to 200")
+  t0 = time.time()
+  try:
+    backend = Backend.from_checkpoint(args.checkpoint, step=args.step, use_ema=not args.raw,
+                                      tokenizer=args.tokenizer, image_size=args.image_size,
+                                      attention_impl=args.attention)
+  except UserError as e:
+    raise SystemExit(f"bagel-serve: error: {e}") from None
+  m = backend.model
+  print(f"bagel-serve: loaded step {m.step} ({m.item}) from {m.checkpoint_dir} in {time.time() - t0:.1f} s",
+        flush=True)
+  if args.warmup:
+    print(f"bagel-serve: warm-up (compiling every request kind) took {warmup(backend, args.default_steps):.1f} s",
+          flush=True)
+  app = build_app(backend, default_steps=args.default_steps)
+  try:
+    launch(app, args.host, args.port, block=True)
+  except OSError as e:
+    raise SystemExit(f"bagel-serve: error: cannot listen on {args.host}:{args.port} ({e})") from None
+
+
+if __name__ == "__main__":
+  sys.exit(main())

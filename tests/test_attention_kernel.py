@@ -345,7 +345,7 @@ def test_registered_implementations():
   np.testing.assert_allclose(np.asarray(out), np.asarray(reference_attention(q, k, v, meta, meta, scale=0.3)),
                              atol=TOL)
   assert attention_lib._IMPLS["pallas"] is ops.pallas_attention  # pylint: disable=protected-access
-  # "auto" resolves per lowering platform: the reference here on CPU (the kernel for TPU: test_attention_aot)
+  # "auto" resolves per lowering platform: `tiled` here on CPU (the kernel for TPU: test_attention_aot)
   auto = jax.jit(lambda q, k, v: attention_lib.attention(q, k, v, meta, meta, impl="auto", scale=0.3))(q, k, v)
   np.testing.assert_allclose(np.asarray(auto), np.asarray(reference_attention(q, k, v, meta, meta, scale=0.3)),
                              atol=1e-6)
@@ -397,20 +397,21 @@ _SHARD_MAP_SCRIPT = textwrap.dedent("""
     with jax.set_mesh(mesh):
       s = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
       args = [jax.device_put(x, s) for x in (q, k, v)] + [meta]
-      for impl in ("reference", "pallas_interpret"):
+      for impl in ("reference", "pallas_interpret", "tiled"):
         f = jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1, 2)))
         if impl != "reference":
           assert "sdy.manual_computation" in f.lower(*args).as_text()
         outs[impl] = f(*args)
-    for a, b in zip(jax.tree.leaves(outs["pallas_interpret"]), jax.tree.leaves(outs["reference"])):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-6)
+    for impl in ("pallas_interpret", "tiled"):
+      for a, b in zip(jax.tree.leaves(outs[impl]), jax.tree.leaves(outs["reference"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-6, err_msg=impl)
     print("SHARD_MAP_OK")
 """)
 
 
 def test_shard_map_over_a_cpu_mesh():
-  """Under jax.set_mesh the registered entry runs the kernel in shard_map (batch over data, heads over
-  tensor) and equals the reference, value and gradients (4 host CPU devices in a subprocess)."""
+  """Under jax.set_mesh the registered entries run the kernel and the tiled path in shard_map (batch over data,
+  heads over tensor) and equal the reference, value and gradients (4 host CPU devices in a subprocess)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
              PYTHONPATH=REPO)
   res = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], cwd=REPO, env=env, capture_output=True,

@@ -23,17 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
 from bagel_jax.kernels import attention as attention_lib
 from bagel_jax.kernels import block_tables as tables_lib
 from bagel_jax.kernels import mask as mask_lib
 from bagel_jax.kernels import pallas_attention as pk
+from bagel_jax.kernels import sharding as sharding_lib
+from bagel_jax.kernels.sharding import mesh_specs  # noqa: F401  (part of this module's API)
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 512
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
 # Largest VMEM working set we ask Mosaic for: under the physical VMEM of v5e/v5p/v6e cores (>= 95 MiB).
 VMEM_BUDGET_BYTES = 64 * 2 ** 20
 
@@ -256,44 +255,19 @@ def cached_attention(q, k, v, q_meta: mask_lib.TokenMeta, k_cache, v_cache, cach
     return flash_attention(q, k_all, v_all, q_meta, kv_meta, scale=scale, block_q=block_q, block_kv=block_kv,
                            interpret=interpret)
 
-  return _in_mesh(call, (q, k, v, k_cache, v_cache), (q_meta, cache_meta), q.shape[2], k.shape[2])
+  return sharding_lib.in_mesh(call, (q, k, v, k_cache, v_cache), (q_meta, cache_meta), q.shape[2], k.shape[2])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Mesh integration and registration.
+# Registration.
 # ----------------------------------------------------------------------------------------------------------
-
-def mesh_specs(mesh, batch: int, num_heads: int, num_kv_heads: int):
-  """PartitionSpecs (q/k/v/out, metadata) for `mesh`: batch over the ('data', 'fsdp') axes present (dropping
-  trailing ones until they divide the batch), heads over 'tensor' if it divides both head counts."""
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  batch_axes = [a for a in BATCH_AXES if a in sizes]
-  while batch_axes and batch % math.prod(sizes[a] for a in batch_axes):
-    batch_axes.pop()
-  t = sizes.get(HEAD_AXIS)
-  head = HEAD_AXIS if t and num_heads % t == 0 and num_kv_heads % t == 0 else None
-  bspec = tuple(batch_axes) if batch_axes else None
-  return P(bspec, None, head, None), P(bspec, None)
-
-
-def _in_mesh(call, arrays, metas, num_heads: int, num_kv_heads: int):
-  """call(*arrays, *metas), under shard_map when a mesh is set (arrays [B, L, H, D], metas TokenMeta [B, L])."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.manual_axes:
-    return call(*arrays, *metas)
-  qkv, meta = mesh_specs(mesh, arrays[0].shape[0], num_heads, num_kv_heads)
-  metas = tuple(mask_lib.TokenMeta(*m) for m in metas)
-  meta_specs = tuple(mask_lib.TokenMeta(*([meta] * 4)) for _ in metas)
-  return jax.shard_map(call, mesh=mesh, in_specs=(qkv,) * len(arrays) + meta_specs, out_specs=qkv,
-                       check_vma=False)(*arrays, *metas)
-
 
 def _sharded(q, k, v, q_meta, kv_meta, *, scale, interpret):
   _check_arrays(q, k, v)
   _check_meta("q_meta", q_meta, q.shape[:2])
   _check_meta("kv_meta", kv_meta, k.shape[:2])
   call = functools.partial(flash_attention, scale=scale, interpret=interpret)
-  return _in_mesh(call, (q, k, v), (q_meta, kv_meta), q.shape[2], k.shape[2])
+  return sharding_lib.in_mesh(call, (q, k, v), (q_meta, kv_meta), q.shape[2], k.shape[2])
 
 
 def pallas_attention(q, k, v, q_meta, kv_meta, *, scale=None):

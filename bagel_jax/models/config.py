@@ -11,7 +11,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 LAYER_VARIANTS = ("dense", "moe", "mot", "moe_topk")
-ATTENTION_IMPLS = ("reference", "pallas", "pallas_interpret", "auto")
+ATTENTION_IMPLS = ("reference", "tiled", "pallas", "pallas_interpret", "auto")
 REMAT_POLICIES = ("none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "minimal", "offload_layer_inputs")
 ROUTING_MODES = ("capacity", "dense")
@@ -215,6 +215,18 @@ def small(variant: str = "mot", **kw) -> BagelConfig:
   return BagelConfig(llm=llm, vit=vit, vae=vae, latent_patch_size=2, max_latent_size=32, **kw)
 
 
+def official_small(variant: str = "mot", **kw) -> BagelConfig:
+  """The model of the CPU-speed comparison with the official PyTorch code (51,916,608 trainable parameters
+  as MoT): Qwen2-style 8 x 512 with GQA 8/2, a 2-layer ViT (patch 14, 8 x 8 patches), a 2x-downsampling VAE
+  with z=16 and 2x2 latent patches (64-px images -> 16 x 16 latent tokens)."""
+  llm = LLMConfig(vocab_size=4096, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
+                  intermediate_size=1408, layer_variant=variant, **TINY_SPECIAL_IDS)
+  vit = ViTConfig(hidden_size=256, intermediate_size=1024, num_heads=4, num_layers=2, patch_size=14,
+                  max_patches_per_side=8)
+  vae = VAEConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=16)
+  return BagelConfig(llm=llm, vit=vit, vae=vae, latent_patch_size=2, max_latent_size=16, **kw)
+
+
 def _siglip_so400m() -> ViTConfig:
   return ViTConfig(hidden_size=1152, intermediate_size=4304, num_heads=16, num_layers=26, patch_size=14,
                    max_patches_per_side=70)
@@ -236,7 +248,8 @@ def bagel_7b(variant: str = "mot", **kw) -> BagelConfig:
                      **kw)
 
 
-PRESETS = {"tiny": tiny, "small": small, "bagel_1_5b": bagel_1_5b, "bagel_7b": bagel_7b}
+PRESETS = {"tiny": tiny, "small": small, "official_small": official_small, "bagel_1_5b": bagel_1_5b,
+           "bagel_7b": bagel_7b}
 
 
 def get_preset(name: str, variant: str = "mot", **kw) -> BagelConfig:

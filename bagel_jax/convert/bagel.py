@@ -153,6 +153,20 @@ def special_ids_from_tokenizer(files: Mapping[str, str]) -> Dict[str, int]:
   return {field: vocab[tok] for field, tok in _QWEN_SPECIALS.items() if tok in vocab}
 
 
+SPECIAL_FIELDS = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def check_special_ids(config: config_lib.BagelConfig, what: str) -> None:
+  """Every special-token id must index a row of the embedding: an id past `vocab_size` would make the model read
+  garbage (or fail at run time) for every <|im_start|>, so the conversion is refused instead."""
+  llm = config.llm
+  bad = {f: getattr(llm, f) for f in SPECIAL_FIELDS if not 0 <= getattr(llm, f) < llm.vocab_size}
+  if bad:
+    raise ConversionError(f"{what}: special-token ids {bad} are outside the vocabulary of {llm.vocab_size} "
+                          "(ship the tokenizer files that name <|im_start|>, <|im_end|>, <|vision_start|>, "
+                          "<|vision_end|>, or convert onto a base with matching ids)")
+
+
 def _latent_patch_size(ema: TensorSource, z: int) -> int:
   name = "vae2llm.weight"
   if name not in ema:
@@ -301,6 +315,7 @@ def open_release(src: str, *, weights: Optional[str] = None, ae: Optional[str] =
     inspect_kw["special_ids"] = special_ids_from_tokenizer(files)
   release = inspect_release(llm_json, vit_json, safetensors_io.open_file(weights),
                             safetensors_io.open_file(ae), **inspect_kw)
+  check_special_ids(release.config, src)
   release.source_files = files
   return release
 
@@ -314,6 +329,7 @@ def copy_source_files(files: Mapping[str, str], dst_dir: str) -> None:
 
 def save_checkpoint(tmp: str, params, config: config_lib.BagelConfig, files: Mapping[str, str]) -> None:
   from bagel_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  check_special_ids(config, "converted checkpoint")
   ckpt_lib.save_params(tmp, params, config)
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:

@@ -106,14 +106,28 @@ def siglip_plan(config: ViTConfig, prefix: str = "vision_model.", scan_layers: b
   return plan
 
 
+class DroppedLayerWarning(UserWarning):
+  """A stored ViT layer is not converted (the model runs fewer layers than the file holds)."""
+
+
 def ignore_unused(src: TensorSource, config: ViTConfig, prefix: str = "vision_model.") -> None:
-  """Stored layers beyond those run, the pooling head and stale buffers are known to be unused."""
+  """Stored layers beyond those run, the pooling head and stale buffers are known to be unused. Dropping a
+  stored layer warns, naming it (BAGEL runs SigLIP without its last layer, as the official code does; a
+  `--vit-layers` smaller than intended would otherwise silently cut the encoder)."""
   extra_layer = re.compile(re.escape(f"{prefix}encoder.layers.") + r"(\d+)\.")
+  dropped = set()
   for name in src.keys():
     m = extra_layer.match(name)
     if (m and int(m.group(1)) >= config.num_layers) or name.startswith(f"{prefix}head.") \
         or name == f"{prefix}embeddings.position_ids":  # non-persistent buffer that some older exports contain
       src.ignore(name)
+      if m and int(m.group(1)) >= config.num_layers:
+        dropped.add(int(m.group(1)))
+  if dropped:
+    import warnings  # pylint: disable=import-outside-toplevel
+    warnings.warn(f"{src.what}: the file stores {config.num_layers + len(dropped)} ViT layers; layer(s) "
+                  f"{sorted(dropped)} are not converted (the model runs {config.num_layers}: BAGEL drops SigLIP's "
+                  "last layer; pass --vit-layers to keep more)", DroppedLayerWarning, stacklevel=2)
 
 
 def siglip_from_source(src: TensorSource, config: ViTConfig, prefix: str = "vision_model.",

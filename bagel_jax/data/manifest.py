@@ -12,6 +12,9 @@ Two layouts:
   python -m bagel_jax.data.manifest classes --root data/classes --template "a photo of a {label}" \
       --out data/t2i.jsonl --vqa-out data/vqa.jsonl
 
+  # no folder yet? a small example one to try the path with: drawn digits in colours, images/ + captions.tsv
+  python -m bagel_jax.data.manifest example --dir workdirs/example_data
+
 Image paths in the records are relative to the manifest's directory (the rule `JsonlSource` resolves them by),
 so a data folder can be moved with its manifest. `--holdout N` writes the last N records (in a seeded shuffled
 order) to `<out stem>_heldout.jsonl` instead (VAE PSNR, evaluation). `--check` opens every image with Pillow
@@ -207,10 +210,40 @@ def make_manifests(layout: str, out: str, *, images: str = "", captions: str = "
   return summary
 
 
+EXAMPLE_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 70, 220), "orange": (240, 140, 20)}
+EXAMPLE_DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_example_folder(directory: str, n: int = 120, size: int = 32, seed: int = 0) -> str:
+  """n images of a digit (Pillow's default font, scaled up, jittered) in one of four colours on a light
+  background, and captions.tsv ('a red digit seven'); returns the captions path."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  os.makedirs(os.path.join(directory, "images"), exist_ok=True)
+  rows = ["file\tcaption"]
+  for i in range(n):
+    d, color = i % 10, list(EXAMPLE_COLORS)[(i // 10) % len(EXAMPLE_COLORS)]
+    small = Image.new("RGB", (8, 12), (245, 245, 240))
+    ImageDraw.Draw(small).text((1, 0), str(d), fill=EXAMPLE_COLORS[color])
+    glyph = small.resize((size * 2 // 3, size), Image.NEAREST)
+    canvas = Image.new("RGB", (size, size), (245, 245, 240))
+    canvas.paste(glyph, (int(rng.integers(0, size // 3 + 1)), 0))
+    name = f"{i:04d}.png"
+    canvas.save(os.path.join(directory, "images", name))
+    rows.append(f"{name}\ta {color} digit {EXAMPLE_DIGITS[d]}")
+  path = os.path.join(directory, "captions.tsv")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(rows) + "\n")
+  return path
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("layout", choices=("captions", "classes"))
-  ap.add_argument("--out", required=True, help="the t2i manifest to write (.jsonl)")
+  ap.add_argument("layout", choices=("captions", "classes", "example"))
+  ap.add_argument("--out", default="", help="the t2i manifest to write (.jsonl)")
+  ap.add_argument("--dir", default="", help="example: the folder to write images/ and captions.tsv into")
+  ap.add_argument("--count", type=int, default=120, help="example: number of images")
   ap.add_argument("--images", default="", help="captions layout: the images folder")
   ap.add_argument("--captions", default="", help="captions layout: TSV/CSV/JSONL captions file (default: "
                   "a sidecar <image>.txt per image)")
@@ -222,6 +255,14 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
   ap.add_argument("--check", action="store_true", help="decode every image; leave out those that fail")
   args = ap.parse_args(argv)
+  if args.layout == "example":
+    if not args.dir:
+      ap.error("example needs --dir")
+    path = write_example_folder(args.dir, args.count)
+    print(f"wrote {args.count} images to {os.path.join(args.dir, 'images')} and their captions to {path}")
+    return
+  if not args.out:
+    ap.error("--out is required")
   try:
     summary = make_manifests(args.layout, args.out, images=args.images, captions=args.captions, root=args.root,
                              template=args.template, vqa_out=args.vqa_out, question=args.question,

@@ -63,6 +63,7 @@ def mot_params():
 @pytest.mark.parametrize("variant,scan,impl", [
     ("mot", True, "reference"),
     pytest.param("dense", False, "reference", marks=pytest.mark.slow),
+    ("mot", True, "tiled"),  # the CPU path ("auto" off TPU) over the cache
     pytest.param("mot", True, "pallas_interpret", marks=pytest.mark.slow)])  # the cached Pallas kernel path
 def test_incremental_decode_equals_full_forward(variant, scan, impl, mot_params):
   cfg = config_lib.tiny(variant, scan_layers=scan, attention_impl=impl)
@@ -159,6 +160,8 @@ def test_pallas_cached_attention_matches_reference():
     ref = forward.cached_attention(q, k, v, q_meta, kc, vc, cache_meta, impl="reference", scale=0.25)
     pal = forward.cached_attention(q, k, v, q_meta, kc, vc, cache_meta, impl="pallas_interpret", scale=0.25)
     np.testing.assert_allclose(np.asarray(pal), np.asarray(ref), atol=2e-5, err_msg=f"mode {mode}")
+    til = forward.cached_attention(q, k, v, q_meta, kc, vc, cache_meta, impl="tiled", scale=0.25)
+    np.testing.assert_allclose(np.asarray(til), np.asarray(ref), atol=2e-6, err_msg=f"tiled, mode {mode}")
   auto = jax.jit(lambda *a: forward.cached_attention(*a, impl="auto", scale=0.25))(q, k, v, q_meta, kc, vc,
                                                                                   cache_meta)
-  np.testing.assert_allclose(np.asarray(auto), np.asarray(ref), atol=1e-6)  # "auto" on CPU: the reference
+  np.testing.assert_array_equal(np.asarray(auto), np.asarray(til))  # "auto" on CPU: the tiled path

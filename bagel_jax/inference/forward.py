@@ -23,6 +23,7 @@ import numpy as np
 from bagel_jax import batch as batch_lib
 from bagel_jax.kernels import mask as mask_lib
 from bagel_jax.kernels.reference import reference_attention
+from bagel_jax.kernels.tiled import sharded_tiled_attention
 from bagel_jax.inference import kv_cache as kv_lib
 from bagel_jax.models import layers
 from bagel_jax.models.bagel import Bagel, scatter_in_order
@@ -42,18 +43,26 @@ def _reference_cached(q, k, v, q_meta, k_cache, v_cache, cache_meta, scale):
                              jnp.concatenate([v_cache.astype(v.dtype), v], 1), q_meta, kv_meta, scale=scale)
 
 
+def _tiled_cached(q, k, v, q_meta, k_cache, v_cache, cache_meta, scale):
+  kv_meta = mask_lib.TokenMeta(*(jnp.concatenate([c, m], axis=1) for c, m in zip(cache_meta, q_meta)))
+  return sharded_tiled_attention(q, jnp.concatenate([k_cache.astype(k.dtype), k], 1),
+                                 jnp.concatenate([v_cache.astype(v.dtype), v], 1), q_meta, kv_meta, scale=scale)
+
+
 def cached_attention(q, k, v, q_meta, k_cache, v_cache, cache_meta, *, impl: str, scale: float):
   """Queries attend to the cache plus their own block under the training mask predicate. `impl` follows the
-  config's attention_impl: reference, pallas, pallas_interpret, or auto (the Pallas kernel when lowered for
-  TPU, the reference elsewhere)."""
+  config's attention_impl: reference, tiled, pallas, pallas_interpret, or auto (the Pallas kernel when lowered
+  for TPU, tiled elsewhere)."""
   if impl == "reference":
     return _reference_cached(q, k, v, q_meta, k_cache, v_cache, cache_meta, scale)
+  if impl == "tiled":
+    return _tiled_cached(q, k, v, q_meta, k_cache, v_cache, cache_meta, scale)
   from bagel_jax.kernels import ops  # pylint: disable=import-outside-toplevel  # Pallas only when asked for
   pallas = functools.partial(ops.cached_attention, scale=scale, interpret=impl == "pallas_interpret")
   if impl == "auto":
     return jax.lax.platform_dependent(
         q, k, v, q_meta, k_cache, v_cache, cache_meta, tpu=pallas,
-        default=lambda *a: _reference_cached(*a, scale))
+        default=lambda *a: _tiled_cached(*a, scale))
   if impl not in ("pallas", "pallas_interpret"):
     raise ValueError(f"unknown attention_impl {impl!r} for cached attention")
   return pallas(q, k, v, q_meta, k_cache, v_cache, cache_meta)

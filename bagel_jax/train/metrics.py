@@ -8,6 +8,7 @@ without it: JSON lines plus a wide CSV. CLU's TensorBoard `SummaryWriter` joins 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -17,6 +18,8 @@ import time
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+
+from bagel_jax.train import errors
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +44,31 @@ class JsonlCsvWriter:
     return bool(new)
 
   def truncate_after(self, step: int):
-    """Drops rows logged after `step` (a resumed run repeats them)."""
+    """Drops rows logged after `step` (a resumed run repeats them). Rewrites go through a temporary file and a
+    rename, so a failure (disk full) leaves the previous file whole."""
     self._rows = [r for r in self._rows if r.get("step", 0) <= step]
-    with open(self.jsonl_path, "w") as f:
-      for r in self._rows:
-        f.write(json.dumps(r) + "\n")
+    _replace_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self._rows))
     self._rewrite_csv()
 
   def _rewrite_csv(self):
-    with open(self.csv_path, "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=self._columns)
-      w.writeheader()
-      for r in self._rows:
-        w.writerow(r)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=self._columns)
+    w.writeheader()
+    for r in self._rows:
+      w.writerow(r)
+    _replace_text(self.csv_path, buf.getvalue())
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]):
     row = {"step": int(step)}
     row.update({k: float(v) for k, v in scalars.items()})
     self._rows.append(row)
-    with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    _append_text(self.jsonl_path, json.dumps(row) + "\n")
     if self._add_columns(row) or not os.path.exists(self.csv_path):
       self._rewrite_csv()
     else:
-      with open(self.csv_path, "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=self._columns).writerow(row)
+      buf = io.StringIO()
+      csv.DictWriter(buf, fieldnames=self._columns).writerow(row)
+      _append_text(self.csv_path, buf.getvalue())
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]):
     from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -122,9 +125,73 @@ def create_writer(workdir: str, process_index: int = 0, tensorboard: bool = True
   return MultiWriter(writers)
 
 
+def _append_text(path: str, text: str):
+  """Appends whole lines or nothing: a failed write (disk full) is rolled back to the previous length and
+  raised as `WriteFailedError` naming the file, errno and free space."""
+  size = os.path.getsize(path) if os.path.exists(path) else 0
+  try:
+    with open(path, "a") as f:
+      f.write(text)
+      f.flush()
+  except OSError as e:
+    try:
+      with open(path, "r+") as f:
+        f.truncate(size)
+    except OSError:
+      pass
+    raise errors.write_failed("metrics", path, e, "The file holds every complete line written before") from e
+
+
+def _replace_text(path: str, text: str):
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "w", newline="") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise errors.write_failed("metrics", path, e, "The previous version of the file is unchanged") from e
+
+
+def rotate_history(workdir: str, name: str = "metrics") -> List[str]:
+  """A fresh start in a workdir with a metrics history keeps it: `metrics.jsonl` -> `metrics.previous-<N>.jsonl`
+  (and the CSV alongside), N the first free number. Returns the new paths."""
+  jsonl = os.path.join(workdir, f"{name}.jsonl")
+  if not os.path.exists(jsonl) or not os.path.getsize(jsonl):
+    return []
+  n = 1
+  while os.path.exists(os.path.join(workdir, f"{name}.previous-{n}.jsonl")):
+    n += 1
+  kept = []
+  for ext in ("jsonl", "csv"):
+    src = os.path.join(workdir, f"{name}.{ext}")
+    if os.path.exists(src):
+      dst = os.path.join(workdir, f"{name}.previous-{n}.{ext}")
+      os.replace(src, dst)
+      kept.append(dst)
+  return kept
+
+
 def read_jsonl(path: str) -> List[Dict[str, float]]:
+  """The rows of a metrics file. A torn last line (the writer died mid-line) is dropped with a warning naming
+  the file; an unreadable line anywhere else is an error naming the file and line."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split("\n")
+  rows = []
+  numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+  for j, (lineno, line) in enumerate(numbered):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if j == len(numbered) - 1:
+        log.warning("%s: dropped a torn last line %d (%r...): the run that wrote it stopped mid-write", path,
+                    lineno, line[:60])
+        print(f"WARNING: {path}: dropped a torn last line {lineno} (written by a run that stopped mid-write); "
+              f"the {len(rows)} lines before it are kept", file=sys.stderr, flush=True)
+        break
+      raise ValueError(f"{path}:{lineno}: not a JSON line ({e}); only a torn last line is dropped") from e
+  return rows
 
 
 class Progress:

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -31,13 +32,15 @@ from bagel_jax.parallel import mesh as mesh_lib
 from bagel_jax.parallel import rules as rules_lib
 from bagel_jax.train import checkpointing, flops as flops_lib, inputs, metrics as metrics_lib
 from bagel_jax.train import optimizer as opt_lib
+from bagel_jax.train.errors import TrainingFault
 from bagel_jax.train.step import TrainState, init_state, make_train_step
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN/Inf; the run stops and the last good checkpoint is kept."""
+class NonFiniteLossError(TrainingFault):
+  """The loss or the training state became NaN/Inf; the run stops. Every checkpoint on disk passed the
+  finiteness check, so the newest one is the last good one."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,6 +184,7 @@ class Setup:
   state_shardings: Any
   abstract_state: Any
   step_fn: Any
+  finite_fn: Any = None  # state -> scalar bool: params, optimizer state and EMA all finite (on device)
 
 
 def _opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh):
@@ -237,8 +241,17 @@ def make_setup(config, devices=None, check_data: bool = True) -> Setup:
   batch_sh = rules_lib.batch_shardings(mesh, spec.abstract())
   step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
                     out_shardings=(state_shardings, rules_lib.replicated(mesh)), donate_argnums=(0,))
+  finite_fn = jax.jit(state_is_finite, in_shardings=(state_shardings,), out_shardings=rules_lib.replicated(mesh))
   return Setup(config, model_cfg, mesh, rules, spec, local_spec, tx, schedule, mask, param_shardings,
-               state_shardings, abstract_state, step_fn)
+               state_shardings, abstract_state, step_fn, finite_fn)
+
+
+def state_is_finite(state: TrainState):
+  """True iff every float leaf of params, optimizer state and EMA is finite: one fused reduction per leaf, run
+  on the devices holding the shards; only a scalar comes back. Checked before every checkpoint save."""
+  leaves = [x for x in jax.tree.leaves((state.params, state.opt_state, state.ema))
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def init_params_sharded(s: Setup, rng) -> Any:
@@ -310,8 +323,12 @@ class _StopFlag:
 LOG_KEYS = ("loss", "ce", "mse", "grad_norm", "lr", "tokens_per_s", "mfu")
 
 
-def train(config, workdir: str, devices=None) -> Dict[str, Any]:
-  """Runs (or resumes) the configured training; returns the last logged metrics."""
+def train(config, workdir: str, devices=None, start_over: bool = False) -> Dict[str, Any]:
+  """Runs (or resumes) the configured training; returns the last logged metrics.
+
+  `start_over`: if every checkpoint in the workdir is unreadable, set them aside and start from step 0
+  (without it that case raises `UnreadableCheckpointsError`). A fresh start never overwrites an existing
+  metrics history: it is kept as `metrics.previous-<N>.jsonl`."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   s = make_setup(config, devices)
@@ -323,10 +340,18 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), s.model_cfg,
                                     keep=config.train.keep_checkpoints, keep_period=config.train.keep_period,
                                     async_save=config.train.async_checkpoint)
-  state, restored_step = ckpt.restore(s.abstract_state, data_iter)
+  try:
+    state, restored_step = ckpt.restore(s.abstract_state, data_iter, start_over=start_over)
+  except BaseException:
+    ckpt.close(quiet=True)
+    raise
   if state is None:
     state = create_state(s)
     start = 0
+    if pidx == 0:
+      kept = metrics_lib.rotate_history(workdir)
+      if kept:
+        print(f"starting from step 0; the previous metrics history is kept as {', '.join(kept)}", flush=True)
   else:
     start = restored_step
     print(f"resumed from step {start}", flush=True)
@@ -349,6 +374,8 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
   tokens_seen = _tokens_seen_at(workdir, start)  # real (non-padding) tokens, all hosts; the emergence x-axis
   window_t = time.time()
   step = start
+  nan_at = int(config.train.get("debug_nan_at_step", 0) or 0)
+  failing = True
   try:
     while step < total:
       batch_index = step
@@ -362,6 +389,10 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
       with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
         state, m = s.step_fn(state, inputs.to_global(local, s.mesh))
       step += 1
+      if nan_at and step == nan_at:  # fault injection: a transient blow-up of the state after this step
+        state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.inexact)
+                                                  else x, state.params))
+      ckpt.check()  # a failed async save stops the run here, not later with unrelated errors
       if pending is not None:
         _check_finite(pending, ckpt)
       pending = (step, m, batch_index)
@@ -392,6 +423,7 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
       if step % config.train.checkpoint_every == 0 or step == total or preempted:
         if pending is not None:
           _check_finite(pending, ckpt)
+        _check_state_finite(s, state, step, ckpt)
         ckpt.save(state, data_iter, force=preempted or step == total)
       if preempted:
         print(f"preemption notice: saved step {step}, exiting", flush=True)
@@ -399,9 +431,12 @@ def train(config, workdir: str, devices=None) -> Dict[str, Any]:
       if config.train.debug_kill_at_step and step == config.train.debug_kill_at_step:
         ckpt.wait()  # deterministic drill: the last save has landed, then an abrupt death without cleanup
         os.kill(os.getpid(), signal.SIGKILL)
+      if config.train.get("debug_kill_in_save_at_step", 0) and step == config.train.debug_kill_in_save_at_step:
+        os.kill(os.getpid(), signal.SIGKILL)  # drill: dies while the async save of this step is in flight
+    failing = False
   finally:
     stop.uninstall()
-    ckpt.close()
+    ckpt.close(quiet=failing)  # when already failing, the original error is the one to report
     if hasattr(data_iter, "close"):
       data_iter.close()
   if pidx == 0:
@@ -439,10 +474,28 @@ def _check_finite(pending, ckpt):
   step, m, batch_index = pending
   loss = float(jax.device_get(m["loss"]))
   if not math.isfinite(loss):
-    ckpt.wait()
-    raise NonFiniteLossError(
-        f"loss is {loss} at step {step} (batch index {batch_index}); stopping. The last good checkpoint is step "
-        f"{ckpt.latest_step()} in {ckpt.directory}")
+    raise NonFiniteLossError(f"loss is {loss} at step {step} (batch index {batch_index}); stopping. "
+                             + _resume_hint(ckpt))
+
+
+def _check_state_finite(s: Setup, state, step: int, ckpt):
+  """A checkpoint is written only when params, optimizer state and EMA are finite."""
+  with jax.set_mesh(s.mesh):
+    ok = bool(jax.device_get(s.finite_fn(state)))
+  if not ok:
+    raise NonFiniteLossError(f"the training state (params, optimizer state or EMA) is not finite after step {step}; "
+                             f"it was not saved. " + _resume_hint(ckpt))
+
+
+def _resume_hint(ckpt) -> str:
+  ckpt.wait()
+  last = ckpt.latest_step()
+  where = (f"The last good checkpoint is step {last} in {ckpt.directory} (every saved checkpoint passed a "
+           f"finiteness check); rerunning the same command resumes from it" if last is not None else
+           f"No checkpoint was saved yet in {ckpt.directory}; rerunning starts from step 0")
+  return (f"{where}, and replays the same batches, so change what blew up: e.g. a lower learning rate "
+          f"(--config.optim.lr=...), gradient clipping (--config.optim.clip_norm=1.0), a longer warm-up "
+          f"(--config.optim.warmup_steps=...), or another data order (--config.data.seed=...)")
 
 
 def _plot(workdir: str):

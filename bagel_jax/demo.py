@@ -15,8 +15,11 @@ import json
 import os
 import time
 
+from bagel_jax.accelerators import use_cpu_if_no_accelerator
+
 
 def main(argv=None):
+  use_cpu_if_no_accelerator()  # before JAX picks a backend: no libtpu noise on CPU-only machines
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--workdir", default="workdirs/demo")
   ap.add_argument("--steps", type=int, default=600)

@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Dict, List, Mapping, Sequence, Tuple
 
+from bagel_jax.accelerators import use_cpu_if_no_accelerator
 from experiments import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,6 +190,7 @@ def make_report(experiment: str, runs, root: str, out_dir: str, setup: str, step
 
 
 def main(argv=None) -> int:
+  use_cpu_if_no_accelerator()  # before JAX picks a backend: no libtpu noise on CPU-only machines
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--configs", nargs="+", required=True, help="experiment config files")
   ap.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 (config arg values to sweep)")

@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from bagel_jax.accelerators import use_cpu_if_no_accelerator
 from bagel_jax.models import config as config_lib
 
 
@@ -177,6 +178,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  use_cpu_if_no_accelerator()  # before JAX picks a backend: no libtpu noise on CPU-only machines
   args = build_parser().parse_args(argv)
   try:
     run(args)

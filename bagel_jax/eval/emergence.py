@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from bagel_jax.accelerators import use_cpu_if_no_accelerator
 from bagel_jax.eval import run as run_lib
 from bagel_jax.eval import suites as suites_lib
 from bagel_jax.inference import model as model_lib
@@ -161,6 +162,7 @@ def plot(rows: List[Dict[str, Any]], summary: Dict[str, Any], path: str, source:
 
 
 def main(argv=None):
+  use_cpu_if_no_accelerator()  # before JAX picks a backend: no libtpu noise on CPU-only machines
   ap = argparse.ArgumentParser(prog="python -m bagel_jax.eval.emergence", description=__doc__.split("\n\n")[0])
   ap.add_argument("--workdir", required=True, help="training run workdir (or its checkpoint directory)")
   ap.add_argument("--out", default=None)

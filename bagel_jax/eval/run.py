@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from bagel_jax.accelerators import use_cpu_if_no_accelerator
 from bagel_jax.eval import suites as suites_lib
 from bagel_jax.inference import model as model_lib
 
@@ -143,6 +144,7 @@ def write_grid(samples: List[Dict[str, Any]], path: str, scale: int = 3, per_row
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
+  use_cpu_if_no_accelerator()  # before JAX picks a backend: no libtpu noise on CPU-only machines
   ap = argparse.ArgumentParser(prog="bagel-eval", description=__doc__.split("\n\n")[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--checkpoint", required=True, help="run workdir or checkpoint directory")

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bagel_jax.accelerators import use_cpu_if_no_accelerator
 from bagel_jax.inference import inferencer as inf
 from bagel_jax.inference import model as model_lib
 from bagel_jax.models import config as config_lib
@@ -128,6 +129,7 @@ def run_requests(model: model_lib.LoadedModel, requests: List[Dict[str, Any]], a
 
 
 def sample_main(argv=None):
+  use_cpu_if_no_accelerator()  # before JAX picks a backend: no libtpu noise on CPU-only machines
   ap = argparse.ArgumentParser(prog="bagel-sample", description="Text-to-image, editing and think-mode "
                                "generation from a bagel-jax checkpoint.")
   _add_model_args(ap)
@@ -187,6 +189,7 @@ def sample_main(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 
 def chat_main(argv=None):
+  use_cpu_if_no_accelerator()  # before JAX picks a backend: no libtpu noise on CPU-only machines
   ap = argparse.ArgumentParser(prog="bagel-chat", description="Image understanding (VQA / chat) with a "
                                "bagel-jax checkpoint.")
   _add_model_args(ap)

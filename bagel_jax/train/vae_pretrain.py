@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from bagel_jax.accelerators import use_cpu_if_no_accelerator
 from bagel_jax.data import synthetic
 from bagel_jax.data.transforms import to_float
 from bagel_jax.models.config import VAEConfig
@@ -174,6 +175,7 @@ def _grid(images, recons, path: str) -> None:
 
 
 def main(argv=None):
+  use_cpu_if_no_accelerator()  # before JAX picks a backend: no libtpu noise on CPU-only machines
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", default="tiny", help="model preset whose VAE config is trained")
   ap.add_argument("--image-size", type=int, default=32)

@@ -4,12 +4,16 @@ Config args: variant (mot/dense/moe/moe_topk), topology (one packed row per chip
 model=tiny or runlocal (the CPU recipe), steps, attention, remat (a `models.layers.REMAT_POLICIES` name; default
 offload_layer_inputs on 32 GiB chips, nothing_saveable otherwise),
 tokens (tokens per row; default the top of the stage's packing window)."""
+from bagel_jax.models.config import LAYER_VARIANTS
 from experiments import common
+
+MODELS = ("7b", "tiny")  # model=tiny (or runlocal): the same recipe at CPU scale
 
 
 def stage_config(stage: str, arg):
-  arg = common.parse_arg(arg, variant="mot", topology="v5p-256", model="7b", runlocal=False, steps=0, slices=1,
-                         attention="pallas", remat="", tokens=0)
+  arg = common.parse_arg(arg, variant=common.Arg("mot", choices=LAYER_VARIANTS), topology="v5p-256",
+                         model=common.Arg("7b", choices=MODELS), runlocal=False, steps=common.Arg(0, min=1),
+                         slices=common.Arg(1, min=1), attention="pallas", remat="", tokens=common.Arg(0, min=512))
   c = common.base_config()
   c.name = f"bagel_7b_{stage}"
   common.apply_stage(c, stage, steps=arg.steps or None)

@@ -2,11 +2,14 @@
 
   bagel-train --config experiments/tiny/random_smoke.py:variant=mot,steps=20 --workdir /tmp/smoke
 """
+from bagel_jax.models.config import LAYER_VARIANTS
 from experiments import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, variant="mot", steps=20, batch=2, seq=128, lr=1e-3, ema=0.99, stage="pretrain")
+  arg = common.parse_arg(arg, variant=common.Arg("mot", choices=LAYER_VARIANTS), steps=common.Arg(20, min=1),
+                         batch=common.Arg(2, min=1), seq=common.Arg(128, min=16), lr=common.Arg(1e-3, min=0.0),
+                         ema=common.Arg(0.99, min=0.0), stage=common.Arg("pretrain", choices=common.STAGES))
   c = common.base_config()
   c.name = "tiny_random_smoke"
   common.apply_stage(c, arg.stage, steps=arg.steps)

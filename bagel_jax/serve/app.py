@@ -30,6 +30,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 for _k in ("NO_PROXY", "no_proxy"):  # gradio checks its own startup through localhost
   os.environ[_k] = ",".join(x for x in (os.environ.get(_k, ""), "127.0.0.1,localhost") if x)
 
+from bagel_jax.accelerators import use_cpu_if_no_accelerator  # noqa: E402
 from bagel_jax.serve import backend as backend_lib  # noqa: E402
 from bagel_jax.serve.backend import Backend, Sampling, UserError  # noqa: E402
 
@@ -436,6 +437,7 @@ def warmup(backend: Backend, steps: int) -> float:
 
 
 def main(argv=None):
+  use_cpu_if_no_accelerator()  # before JAX picks a backend: no libtpu noise on CPU-only machines
   ap = argparse.ArgumentParser(prog="bagel-serve", description="A local web page over a bagel-jax checkpoint: "
                                "understand, generate, edit, think, and the checkpoint's training curves and scores.")
   ap.add_argument("--checkpoint", required=True, help="training run workdir, checkpoint directory or converted "

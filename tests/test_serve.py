@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from bagel_jax.inference import contexts as ctx_lib
 from bagel_jax.serve import backend as backend_lib
@@ -155,9 +156,13 @@ def test_handlers_stream_and_report(backend, workdir, bad):
   outs = list(h.generate("a red circle", 40, 24, 0, *sampler))
   st = _statuses(outs)
   assert any(s.startswith("denoising step 1/2") for s in st) and st[-1].startswith("done: 24x40 px")
-  assert outs[-1][0].shape == (40, 24, 3)
+  first = np.asarray(Image.open(outs[-1][0]))
+  assert first.shape == (40, 24, 3)
+  again = list(h.generate("a red circle", 40, 24, 0, *sampler))[-1][0]  # the same image, a file of its own
+  assert again != outs[-1][0] and np.array_equal(np.asarray(Image.open(again)), first)
   outs = list(h.think("a red circle", None, 4, 32, 32, 0, *sampler))
-  assert len(outs[-1]) == 3 and outs[-1][1].shape == (32, 32, 3) and outs[-1][2].startswith("done")
+  assert len(outs[-1]) == 3 and np.asarray(Image.open(outs[-1][1])).shape == (32, 32, 3)
+  assert outs[-1][2].startswith("done")
   # errors become the status line, the image is left alone
   for outs, msg in [(list(h.generate("", 32, 32, 0, *sampler)), "prompt is empty"),
                     (list(h.edit(None, "make it red", 0, *sampler)), "upload an image to edit"),

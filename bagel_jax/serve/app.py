@@ -12,17 +12,21 @@ maintained, its components cover every control here (image upload with preview, 
 request queue with a concurrency limit) and a page comes with no front-end code of our own. Its queue runs every
 model event under one concurrency slot (`concurrency_id="model"`, limit 1), and `Backend.lock` enforces the same
 below it: requests wait their turn, never run together on one model. Offline by construction: analytics off,
-no share link, no server-side rendering (no Node), system fonts only (the default theme would fetch web fonts).
+no share link, no server-side rendering (no Node), no run history (its page offers a cloud bucket), system fonts
+only (the default theme would fetch web fonts).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 # Before gradio is imported anywhere: no telemetry and no version check from a local demo.
@@ -106,8 +110,32 @@ def _split_live(text: str) -> Tuple[str, str]:
 class Handlers:
   """The page's callbacks over one Backend; plain generators, so tests can drive them without a browser."""
 
+  KEEP_FILES = 64
+
   def __init__(self, backend: Backend):
     self.backend = backend
+    self.out_dir = tempfile.mkdtemp(prefix="bagel_serve_out_")
+    self._files: "collections.deque[str]" = collections.deque()
+    self._files_lock = threading.Lock()
+
+  def save_png(self, image) -> str:
+    """A result image as a PNG file of its own, written atomically, under a fresh name. Handing Gradio an array
+    instead makes it write the PNG to a path named by the content's hash: two requests with identical results
+    (same prompt and seed) then rewrite one file while it is being downloaded, and a client gets an empty or
+    truncated image (seen in benchmarks/serve_load.py). Gradio copies the file into its cache; only the newest
+    KEEP_FILES stay here."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    path = os.path.join(self.out_dir, f"{uuid.uuid4().hex}.png")
+    Image.fromarray(image).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+    with self._files_lock:
+      self._files.append(path)
+      while len(self._files) > self.KEEP_FILES:
+        try:
+          os.remove(self._files.popleft())
+        except OSError:
+          pass
+    return path
 
   def understand(self, image, question, think, max_new_tokens, do_sample, temperature, seed):
     gr = _gradio()
@@ -149,7 +177,7 @@ class Handlers:
         r = ev[1]
         h, w = r["image"].shape[:2]
         yield (((r["think"],) if outputs_think else ()) +
-               (r["image"], f"done: {w}x{h} px, {r['steps']}/{r['steps']} denoising steps, {r['seconds']:.1f} s"))
+               (self.save_png(r["image"]), f"done: {w}x{h} px, {r['steps']}/{r['steps']} denoising steps, {r['seconds']:.1f} s"))
 
   def generate(self, prompt, height, width, seed, *sampler):
     yield from self._image_job(False, prompt, None, False, sampling_from(sampler), height, width, seed, 64)
@@ -219,13 +247,13 @@ def info_markdown(info: Dict[str, Any]) -> str:
           ("model", info["preset"])]
   for k, v in info["metrics"].items():
     rows.append((f"{k} (last log)", f"{v:.4g}" if isinstance(v, float) else str(v)))
-  return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+  return "| run | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
 def eval_markdown(ev: Optional[Dict[str, Any]]) -> str:
   if not ev:
     return "No evaluation yet: `bagel-eval --checkpoint WORKDIR` writes `eval/step_N/scores.json`."
-  head = f"**Latest eval scores** (step {ev['step']}, {ev['weights']} weights; `{ev['path']}`)\n\n"
+  head = (f"**Latest eval scores**: step {ev['step']}, {_weights(str(ev['weights']))}, from `{ev['path']}`\n\n")
   return head + "| suite | score |\n|---|---|\n" + "\n".join(f"| {k} | {v:.3f} |" for k, v in ev["scores"].items())
 
 
@@ -416,13 +444,12 @@ def theme():
 def launch(app, host: str, port: int, block: bool = True):
   return app.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
                     prevent_thread_lock=not block, max_file_size=backend_lib.MAX_UPLOAD_BYTES, ssr_mode=False,
-                    mcp_server=False, theme=theme(), css=CSS, quiet=False)
+                    mcp_server=False, run_history=False, theme=theme(), css=CSS, quiet=False)
 
 
 def warmup(backend: Backend, steps: int) -> float:
   """One request of each kind, so the first user's request does not wait for compilation."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  import tempfile  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
   t0 = time.time()
   h, w = backend.model.gen_size

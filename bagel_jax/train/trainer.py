@@ -119,8 +119,9 @@ def validate_config(config, n_devices: int, process_count: int, check_data: bool
     raise ValueError("config.loss: weights must be >= 0 and timestep_shift > 0")
   if config.train.steps < 1 or config.train.log_every < 1 or config.train.checkpoint_every < 1:
     raise ValueError("config.train.steps, log_every and checkpoint_every must be >= 1")
-  if config.init.vae not in VAE_INITS:
-    raise ValueError(f"config.init.vae={config.init.vae!r} is not one of {VAE_INITS}")
+  if config.init.vae not in VAE_INITS and not os.path.exists(config.init.vae):
+    raise ValueError(f"config.init.vae={config.init.vae!r} is not one of {VAE_INITS} or an existing VAE checkpoint "
+                     "path (experiments/own_data/vae.py workdir, bagel-convert flux-ae output, .npz)")
   if config.init.vae_steps < 0:
     raise ValueError(f"config.init.vae_steps={config.init.vae_steps} must be >= 0 (0: the default)")
   if config.init.vae == "synthetic" and not vae_image_size(config):
@@ -272,6 +273,9 @@ def initial_vae_params(s: Setup, rng) -> Any:
   """The frozen VAE: `init.vae="random"` is a placeholder for converted FLUX weights (`init.checkpoint`);
   "synthetic" is the tiny AE pretrained on synthetic renders (cached; a fixed seed, so every run of a sweep
   shares one VAE, as real runs share FLUX's)."""
+  if s.config.init.vae not in VAE_INITS:  # a path: experiments/own_data/vae.py, bagel-convert flux-ae, .npz
+    from bagel_jax.train import vae_pretrain  # pylint: disable=import-outside-toplevel
+    return vae_pretrain.load_vae(s.config.init.vae, s.model_cfg.vae)
   if s.config.init.vae == "synthetic":
     from bagel_jax.train import vae_pretrain  # pylint: disable=import-outside-toplevel
     return vae_pretrain.cached_pretrained_vae(
@@ -329,6 +333,9 @@ def train(config, workdir: str, devices=None, start_over: bool = False) -> Dict[
   `start_over`: if every checkpoint in the workdir is unreadable, set them aside and start from step 0
   (without it that case raises `UnreadableCheckpointsError`). A fresh start never overwrites an existing
   metrics history: it is kept as `metrics.previous-<N>.jsonl`."""
+  if config.get("recipe", "") == "vae":  # experiments/own_data/vae.py: the VAE recipe, its own loop
+    from bagel_jax.train import vae_pretrain  # pylint: disable=import-outside-toplevel
+    return vae_pretrain.train(config, workdir)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   s = make_setup(config, devices)
@@ -414,6 +421,8 @@ def train(config, workdir: str, devices=None, start_over: bool = False) -> Dict[
         writer.write_scalars(step, {k: v for k, v in host.items() if not math.isnan(v)})
         if pidx == 0:
           progress.report(step, host, LOG_KEYS)
+          if hasattr(data_iter, "stats_line"):
+            print(data_iter.stats_line(), flush=True)  # records in = out + skipped (by reason) + buffered
         last = dict(host, step=step)
         window_flops = window_tokens = 0.0
         window_t = time.time()

@@ -44,7 +44,7 @@ def features(images: np.ndarray) -> np.ndarray:
   x = np.asarray(images, np.float64).mean(-1)
   n, s = x.shape[0], x.shape[1]
   x = x.reshape(n, 8, s // 8, 8, s // 8).mean((2, 4))
-  return (255.0 - x) * (16.0 / 255.0)
+  return ((255.0 - x) * (16.0 / 255.0)).reshape(n, 64)
 
 
 def write_folder(root: str, size: int) -> None:
@@ -116,7 +116,7 @@ def main(argv=None):
                                   os.path.join(data, "t2i.jsonl"), "--holdout", "300"], log)
   if not os.path.exists(os.path.join(data, "tokenizer.json")):
     times["tokenizer"] = run(py + ["bagel_jax.data.train_tokenizer", "--manifest", os.path.join(data, "t2i.jsonl"),
-                                   "--vocab-size", "300", "--out", os.path.join(data, "tokenizer.json")], log)
+                                   "--vocab-size", "512", "--out", os.path.join(data, "tokenizer.json")], log)
   vae = os.path.join(w, "vae")
   if not os.path.exists(os.path.join(vae, "eval.json")) or \
       json.load(open(os.path.join(vae, "eval.json")))["step"] < args.vae_steps:

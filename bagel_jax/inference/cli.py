@@ -8,7 +8,12 @@
     bagel-chat --checkpoint DIR --batch questions.jsonl  # {"image": path, "question": str} -> JSONL answers
 
 A progress bar runs over the denoising steps. Each request's initial noise comes from its own seed, so a
-result does not depend on which requests were batched with it. Bad input (a missing or non-image file, an image
+result does not depend on which requests were batched with it; in --batch mode a request without "seed" gets
+`--seed` + its line index (0-based), so repeated prompts give different images and a rerun gives the same ones.
+Both commands print what they loaded (checkpoint and step, EMA or raw weights, tokenizer, image sizes). A
+checkpoint converted from an official release (`bagel-convert bagel`, no training run beside it) runs with the
+tokenizer stored at conversion and the image sizes of its own position tables, without --tokenizer or
+--image-size. Bad input (a missing or non-image file, an image
 smaller than one patch, an empty prompt, a checkpoint of another architecture) exits with a message naming it.
 """
 from __future__ import annotations
@@ -45,10 +50,60 @@ def _add_model_args(ap: argparse.ArgumentParser):
   ap.add_argument("--batch-size", type=int, default=4, help="requests per batch in --batch mode")
 
 
+def converted_defaults(path: str) -> Dict[str, Any]:
+  """For a checkpoint with no training run beside it (a converted release): the tokenizer the converter stored
+  (`source_files/tokenizer.json`) and image sizes from the model's own tables, as the official inference uses
+  them: generation up to max_latent_size x latent_downsample px (min edge half of it; 512-1024 for the 7B),
+  understanding up to the ViT grid x patch (min 224; 224-980). {} for anything else: a training run (its
+  config.json rules) or a checkpoint without the converter's `source_files/`."""
+  from bagel_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from bagel_jax.convert.bagel import SOURCE_FILES  # pylint: disable=import-outside-toplevel
+  ckpt_dir, workdir = model_lib.resolve_checkpoint_dir(path)
+  if model_lib.read_run_config(workdir) is not None or not os.path.isdir(os.path.join(ckpt_dir, SOURCE_FILES)):
+    return {}  # a training run, or a bare params checkpoint (its sizes: load_model's defaults)
+  cfg = ckpt_lib.read_model_config(ckpt_dir)
+  out: Dict[str, Any] = {}
+  tok = os.path.join(ckpt_dir, SOURCE_FILES, "tokenizer.json")
+  if os.path.isfile(tok):
+    out["tokenizer"] = tok
+  gen = cfg.max_latent_size * cfg.latent_downsample
+  patch = cfg.vit.patch_size
+  und = cfg.vit.max_patches_per_side * patch
+  out["gen_size"] = (max(cfg.latent_downsample, gen // 2 // cfg.latent_downsample * cfg.latent_downsample), gen)
+  out["und_size"] = (max(patch, min(224, und) // patch * patch), und)
+  return out
+
+
+def describe(model: model_lib.LoadedModel, source: str = "") -> str:
+  """One line: what was loaded (checkpoint, step, EMA or raw, model, tokenizer, image sizes)."""
+  c = model.config
+  tok = model.tokenizer
+  tok_name = f"{getattr(tok, 'path', '') or 'the synthetic word vocabulary'} ({type(tok).__name__}, vocab " \
+             f"{tok.vocab_size})"
+  t = model.transforms
+  h, w = model.gen_size
+  return (f"loaded {model.checkpoint_dir or '(in memory)'} step {model.step} "
+          f"({'EMA' if model.item == 'ema' else 'raw'} weights); LLM {c.llm.num_layers} layers x "
+          f"{c.llm.hidden_size} ({c.llm.layer_variant}), vocab {c.llm.vocab_size}; tokenizer {tok_name}; images: "
+          f"generated {h}x{w}, VAE side {t.vae.min_size}-{t.vae.max_size} px, ViT side {t.vit.min_size}-"
+          f"{t.vit.max_size} px" + (f"; {source}" if source else ""))
+
+
 def _load(args) -> model_lib.LoadedModel:
   expect = config_lib.get_preset(args.expect_preset, args.expect_variant) if args.expect_preset else None
-  return model_lib.load_model(args.checkpoint, step=args.step, use_ema=not args.raw, expect=expect,
-                              attention_impl=args.attention, tokenizer=args.tokenizer, image_size=args.image_size)
+  conv = converted_defaults(args.checkpoint)
+  kw: Dict[str, Any] = dict(tokenizer=args.tokenizer, image_size=args.image_size)
+  source = ""
+  if conv:
+    source = "converted checkpoint: tokenizer and sizes from the conversion"
+    if args.tokenizer is None and "tokenizer" in conv:
+      kw["tokenizer"] = conv["tokenizer"]
+    if args.image_size is None:
+      kw.update(gen_size=conv["gen_size"], und_size=conv["und_size"])
+  model = model_lib.load_model(args.checkpoint, step=args.step, use_ema=not args.raw, expect=expect,
+                               attention_impl=args.attention, **kw)
+  print(describe(model, source), file=sys.stderr, flush=True)
+  return model
 
 
 def read_jsonl(path: str, required: str) -> List[Dict[str, Any]]:
@@ -92,6 +147,16 @@ def _gen_config(args, editing: bool) -> inf.GenerationConfig:
   return dataclasses.replace(base, **kw)
 
 
+def request_seed(request: Dict[str, Any], index: int, base: int) -> int:
+  """The request's own "seed", else `base` + its index: requests without a seed never share one."""
+  seed = request.get("seed")
+  if seed is None:
+    return int(base) + int(index)
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise ValueError(f"request {index + 1}: seed must be an integer, got {seed!r}")
+  return seed
+
+
 def run_requests(model: model_lib.LoadedModel, requests: List[Dict[str, Any]], args) -> List[Dict[str, Any]]:
   """Groups requests by structure (edit or not, think or not), runs each group in batches; returns per request
   {"image": uint8 array, "think": str | None} in input order."""
@@ -116,7 +181,7 @@ def run_requests(model: model_lib.LoadedModel, requests: List[Dict[str, Any]], a
       thinks = s.think(inf.TextConfig(max_new_tokens=args.max_think_tokens)) if think else [None] * len(chunk)
       h, w = s.image_size(args.height, args.width)
       f = model.config.latent_downsample
-      seeds = [int(requests[i].get("seed", args.seed)) for i in chunk]
+      seeds = [request_seed(requests[i], i, args.seed) for i in chunk]
       noise = np.stack([np.asarray(jax.random.normal(jax.random.key(sd), ((h // f) * (w // f),
                                                                           model.config.latent_channels)))
                         for sd in seeds])
@@ -141,7 +206,8 @@ def sample_main(argv=None):
   ap.add_argument("--out-dir", default="samples", help="output directory in --batch mode")
   ap.add_argument("--height", type=int, default=None)
   ap.add_argument("--width", type=int, default=None)
-  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--seed", type=int, default=0, help="noise seed; --batch: the base seed of requests without "
+                  "their own (request i gets seed + i)")
   ap.add_argument("--num-timesteps", type=int, default=50)
   ap.add_argument("--timestep-shift", type=float, default=3.0)
   ap.add_argument("--cfg-text-scale", type=float, default=4.0)

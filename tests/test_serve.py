@@ -32,7 +32,7 @@ def backend(workdir):
   return Backend.from_checkpoint(workdir)
 
 
-def test_checkpoint_panel_and_reload(backend, workdir):
+def test_checkpoint_panel_and_reload(backend, workdir, tmp_path):
   info = backend.checkpoint_info()
   assert info["step"] == 200 and info["weights"] == "ema" and info["steps"] == [100, 200]
   assert info["tokens_seen"] == 200 * F.TOKENS_PER_STEP  # the half-written last line is skipped
@@ -43,6 +43,15 @@ def test_checkpoint_panel_and_reload(backend, workdir):
   assert backend.model.step == 200  # a failed load keeps the model that was there
   info = backend.reload(workdir, step=100, use_ema=True)  # step 100 has no EMA: raw weights
   assert (info["step"], info["weights"], info["tokens_seen"]) == (100, "params", 100 * F.TOKENS_PER_STEP)
+  # a converted release: a bare checkpoint directory (params only, no run beside it)
+  from bagel_jax import checkpoint as ckpt_lib
+  from bagel_jax.inference import model as model_lib
+  converted = tmp_path / "converted"
+  ckpt_lib.save_params(str(converted), model_lib.random_params(F.CFG, seed=7), F.CFG, step=0)
+  info = backend.reload(str(converted))
+  assert (info["step"], info["weights"], info["tokens_seen"], info["loss_curves"], info["eval"]) == (
+      0, "params", None, None, None)
+  assert backend.understand(f"{workdir}/src.png", "what color ?", max_new_tokens=2)["seconds"] >= 0
   backend.reload(workdir)
   assert (backend.model.step, backend.model.item) == (200, "ema")
 

@@ -18,10 +18,12 @@ only (the default theme would fetch web fonts).
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import logging
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -115,6 +117,7 @@ class Handlers:
   def __init__(self, backend: Backend):
     self.backend = backend
     self.out_dir = tempfile.mkdtemp(prefix="bagel_serve_out_")
+    atexit.register(shutil.rmtree, self.out_dir, True)
     self._files: "collections.deque[str]" = collections.deque()
     self._files_lock = threading.Lock()
 

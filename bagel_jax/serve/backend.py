@@ -9,16 +9,17 @@ meant for the page; the model and the server are left as they were.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from bagel_jax.data import transforms as tf
@@ -132,6 +133,7 @@ class Backend:
     self.lock = threading.Lock()
     self.requests = 0
     self._plot_dir = tempfile.mkdtemp(prefix="bagel_serve_")
+    atexit.register(shutil.rmtree, self._plot_dir, True)
 
   @classmethod
   def from_checkpoint(cls, path: str, *, step: Optional[int] = None, use_ema: bool = True, **load_kw) -> "Backend":

@@ -413,7 +413,8 @@ def train(config, workdir: str):
     history.append(ev)
     shown = held if len(held) else train_pool
     n = min(int(config.train.grid_images), len(shown))
-    _grid(shown[:n], reconstruct(cfg, p, shown[:n]), os.path.join(workdir, "recon_grid.png"))
+    pick = shown[np.linspace(0, len(shown) - 1, n).round().astype(int)]  # spread over the set (often sorted)
+    _grid(pick, reconstruct(cfg, p, pick), os.path.join(workdir, "recon_grid.png"))
     with open(evals_path, "w") as f:
       json.dump(dict(ev, history=history), f, indent=1)
     print(f"vae eval step {step}: held-out PSNR {ev['psnr_heldout'] if ev['psnr_heldout'] is None else round(ev['psnr_heldout'], 2)} dB "

@@ -106,7 +106,8 @@ def main(argv=None):
   bin_dir = os.path.dirname(sys.executable)
   train_cmd = [os.path.join(bin_dir, "bagel-train")]
   sample_cmd = [os.path.join(bin_dir, "bagel-sample")]
-  times = {}
+  prev = os.path.join(out, "results.json")  # stage times of earlier invocations (stages that ran then)
+  times = json.load(open(prev)).get("stage_seconds", {}) if os.path.exists(prev) else {}
   t_all = time.time()
   data = os.path.join(w, "data")
   if not os.path.exists(os.path.join(data, "t2i.jsonl")):
@@ -161,6 +162,14 @@ def main(argv=None):
   acc_gen = float((pred == gen_y).mean())
   per_digit = {NAMES[d]: float((pred[gen_y == d] == d).mean()) for d in range(10)}
   distinct = float(np.mean([len({im.tobytes() for im in gen[gen_y == d]}) for d in range(10)]))
+  # memorisation check: distance (8x8 features) from each sample to its nearest training image, against the
+  # same distance for held-out real images (which the model never saw)
+  ftr = features(tr_x)
+
+  def nn_dist(f):
+    return np.sqrt(((f[:, None, :] - ftr[None]) ** 2).sum(-1)).min(1)
+
+  nn_gen, nn_real = nn_dist(features(gen)), nn_dist(features(te_x))
   summary = json.load(open(os.path.join(t2i, "summary.json")))
   vae_eval = json.load(open(os.path.join(vae, "eval.json")))
   res = dict(data="sklearn.datasets.load_digits (bundled with scikit-learn)", train_images=int(len(tr_x)),
@@ -169,11 +178,13 @@ def main(argv=None):
              vae_psnr_heldout_eval_json=vae_eval["psnr_heldout"], vae_steps=args.vae_steps,
              t2i_steps=summary["final_step"], t2i_final_loss=summary.get("loss"), generator_accuracy=acc_gen,
              generator_over_ceiling=acc_gen / max(acc_rec, 1e-9), per_digit_accuracy=per_digit,
-             distinct_samples_per_digit=distinct, samples=int(len(gen)), num_timesteps=args.num_timesteps,
+             distinct_samples_per_digit=distinct, nn_train_distance_samples_median=float(np.median(nn_gen)),
+             nn_train_distance_heldout_real_median=float(np.median(nn_real)), samples=int(len(gen)), num_timesteps=args.num_timesteps,
              cfg_text_scale=args.cfg, stage_seconds=times, total_seconds_this_invocation=time.time() - t_all)
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(res, f, indent=1)
-  shutil.copyfile(os.path.join(vae, "recon_grid.png"), os.path.join(out, "vae_recon_grid.png"))
+  pick = np.concatenate([np.flatnonzero(te_y == d)[:2] for d in range(10)])  # two held-out images per digit
+  grid(np.concatenate([te_x[pick], rec8[pick]]), 2, os.path.join(out, "vae_recon_grid.png"), scale=3)
   shutil.copyfile(os.path.join(t2i, "loss_curves.png"), os.path.join(out, "t2i_loss_curves.png"))
   shutil.copyfile(os.path.join(vae, "loss_curves.png"), os.path.join(out, "vae_loss_curves.png"))
   order = np.argsort(gen_y, kind="stable")

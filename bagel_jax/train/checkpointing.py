@@ -151,7 +151,7 @@ class Checkpointer:
   def _set_aside(self, step: int, exc: BaseException, outcome: str) -> str:
     """Moves an unreadable step out of the manager's sight, keeping it for inspection with the reason."""
     dest_root = os.path.join(self.directory, SET_ASIDE)
-    name = f"step_{step}.unreadable-{type(exc).__name__}"
+    name = f"step_{step}.unreadable-{_reason_name(exc)}"
     dest = os.path.join(dest_root, name)
     if jax.process_index() == 0:
       os.makedirs(dest_root, exist_ok=True)
@@ -187,6 +187,17 @@ class Checkpointer:
       except Exception:  # pylint: disable=broad-except
         if not quiet:
           raise
+
+
+def _reason_name(e: BaseException) -> str:
+  """The most specific exception type in the chain (Orbax wraps the real error in a bare Exception)."""
+  best, seen = e, set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if type(best) in (Exception, RuntimeError, ValueError) and type(e) not in (Exception, RuntimeError):
+      best = e
+    e = e.__cause__ or e.__context__
+  return type(best).__name__
 
 
 def _one_line(e: BaseException) -> str:

@@ -173,3 +173,29 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
   with pytest.raises(ValueError, match="more than the model's vocabulary of 512"):
     pipeline.make_training_input(c, model_cfg, spec, 0, 1)
 
+
+
+def test_init_vae_loads_a_converted_flux_ae_checkpoint(tmp_path):
+  """`init.vae=<bagel-jax checkpoint>` (what `bagel-convert flux-ae --preset P` writes) loads its params['vae']
+  with the log-variance pinned; another architecture's VAE is refused."""
+  import dataclasses
+  from bagel_jax import checkpoint as ckpt_lib
+  from bagel_jax.inference import model as model_lib
+  from bagel_jax.models.config import tiny
+  from bagel_jax.train import vae_pretrain
+  cfg = tiny()
+  params = model_lib.random_params(cfg, seed=1)
+  ckpt_lib.save_params(str(tmp_path / "flux"), params, cfg)
+  got = vae_pretrain.load_vae(str(tmp_path / "flux"), cfg.vae)
+  want = vae_pretrain.pin_logvar(params["vae"], cfg.vae)
+  for a, b in zip(*(jax_leaves(t) for t in (got, want))):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="differs from the model's"):
+    vae_pretrain.load_vae(str(tmp_path / "flux"), dataclasses.replace(cfg.vae, z_channels=cfg.vae.z_channels * 2))
+  with pytest.raises(FileNotFoundError, match="not a VAE checkpoint"):
+    vae_pretrain.load_vae(str(tmp_path), cfg.vae)
+
+
+def jax_leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

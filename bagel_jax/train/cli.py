@@ -164,6 +164,11 @@ def _route_background_errors(workdir: str) -> str:
     else:
       main_unraisable(u)
   sys.unraisablehook = unraisable
+
+  def thread_hook(args):  # an Orbax/TensorStore worker thread that dies on the failed write
+    background.error("thread %s died", getattr(args.thread, "name", "?"),
+                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+  threading.excepthook = thread_hook
   return path
 
 

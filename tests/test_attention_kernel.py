@@ -273,6 +273,7 @@ def test_cached_attention_matches_full_row():
     np.testing.assert_allclose(np.asarray(out), np.asarray(full[:, cut:]), atol=TOL, rtol=0)
 
 
+@pytest.mark.slow  # ~2-4 min in the interpreter; the tables' exactness stays in the default run (block tables tests)
 def test_kernel_visits_exactly_the_nonempty_tiles():
   meta = _as_jnp(packed_meta(17, 512))
   q, k, v, _ = _qkv(17, 2, 512, 512, 4, 2, 16)
@@ -419,6 +420,7 @@ def test_shard_map_over_a_cpu_mesh():
   assert "SHARD_MAP_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
 
 
+@pytest.mark.slow  # ~1-2 min; the default run keeps the kernel's parity sweep and the tiled model test
 def test_tiny_model_forward_backward_pallas_interpret_equals_reference():
   ref_cfg = config_lib.tiny("mot")
   spec = examples.batch_spec_for(ref_cfg, batch_size=2, seq_len=256, vit_capacity=64, latent_capacity=96)

@@ -420,8 +420,8 @@ def test_shard_map_over_a_cpu_mesh():
   assert "SHARD_MAP_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-5000:]
 
 
-@pytest.mark.slow  # ~1-2 min; the default run keeps the kernel's parity sweep and the tiled model test
-def test_tiny_model_forward_backward_pallas_interpret_equals_reference():
+def assert_tiny_model_matches_reference(impl: str):
+  """Loss, loss sums and every gradient of the tiny MoT model with attention `impl` equal the reference's."""
   ref_cfg = config_lib.tiny("mot")
   spec = examples.batch_spec_for(ref_cfg, batch_size=2, seq_len=256, vit_capacity=64, latent_capacity=96)
   batch = examples.random_batch(ref_cfg, spec, seed=3)
@@ -429,11 +429,11 @@ def test_tiny_model_forward_backward_pallas_interpret_equals_reference():
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   params = bagel_lib.init_params(ref_cfg, jax.random.key(0))
   results = {}
-  for impl in ("reference", "pallas_interpret"):
-    cfg = config_lib.tiny("mot", attention_impl=impl)
+  for name in ("reference", impl):
+    cfg = config_lib.tiny("mot", attention_impl=name)
     fn = jax.jit(jax.value_and_grad(lambda p, b, r, cfg=cfg: bagel_lib.loss_fn(p, b, r, cfg), has_aux=True))
-    results[impl] = fn(params, batch, jax.random.key(1))
-  (loss, metrics), grads = results["pallas_interpret"]
+    results[name] = fn(params, batch, jax.random.key(1))
+  (loss, metrics), grads = results[impl]
   (ref_loss, ref_metrics), ref_grads = results["reference"]
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
   for key in ("ce_sum", "mse_sum"):
@@ -443,6 +443,11 @@ def test_tiny_model_forward_backward_pallas_interpret_equals_reference():
     ref = functools.reduce(lambda t, p: t[p.key], path, ref_grads)
     np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-4, atol=1e-6 * scale,
                                err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow  # ~1-2 min; the default run keeps the kernel's parity sweep and the tiled model test
+def test_tiny_model_forward_backward_pallas_interpret_equals_reference():
+  assert_tiny_model_matches_reference("pallas_interpret")
 
 
 @pytest.mark.slow

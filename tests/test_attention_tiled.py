@@ -8,16 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bagel_jax import batch as batch_lib
-from bagel_jax.data import examples
 from bagel_jax.kernels import attention as attention_lib
 from bagel_jax.kernels import block_tables as bt
 from bagel_jax.kernels import mask as mask_lib
 from bagel_jax.kernels import tiled
 from bagel_jax.kernels.reference import reference_attention
-from bagel_jax.models import bagel as bagel_lib
-from bagel_jax.models import config as config_lib
-from tests.test_attention_kernel import CFG, _as_jnp, _qkv, packed_meta
+from tests.test_attention_kernel import CFG, _as_jnp, _qkv, assert_tiny_model_matches_reference, packed_meta
 
 TOL = 2e-5
 
@@ -124,24 +120,4 @@ def test_bad_arguments():
 
 
 def test_tiny_model_forward_backward_tiled_equals_reference():
-  ref_cfg = config_lib.tiny("mot")
-  spec = examples.batch_spec_for(ref_cfg, batch_size=2, seq_len=256, vit_capacity=64, latent_capacity=96)
-  batch = examples.random_batch(ref_cfg, spec, seed=3)
-  batch_lib.validate(batch, spec)
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  params = bagel_lib.init_params(ref_cfg, jax.random.key(0))
-  results = {}
-  for impl in ("reference", "tiled"):
-    cfg = config_lib.tiny("mot", attention_impl=impl)
-    fn = jax.jit(jax.value_and_grad(lambda p, b, r, cfg=cfg: bagel_lib.loss_fn(p, b, r, cfg), has_aux=True))
-    results[impl] = fn(params, batch, jax.random.key(1))
-  (loss, metrics), grads = results["tiled"]
-  (ref_loss, ref_metrics), ref_grads = results["reference"]
-  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
-  for key in ("ce_sum", "mse_sum"):
-    np.testing.assert_allclose(float(metrics[key]), float(ref_metrics[key]), rtol=1e-6, err_msg=key)
-  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(ref_grads))
-  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-    ref = functools.reduce(lambda t, p: t[p.key], path, ref_grads)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-4, atol=1e-6 * scale,
-                               err_msg=jax.tree_util.keystr(path))
+  assert_tiny_model_matches_reference("tiled")

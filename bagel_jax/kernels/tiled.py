@@ -70,24 +70,35 @@ def _split_id(t, ids, nq: int, nk: int):
   return e // (nq * nk), (e // nk) % nq, e % nk
 
 
+def _walk(cfg: _Cfg, q, k, qm, km):
+  """What both passes need to visit the non-empty tiles: their traced count and tile(t) -> (row, q-block,
+  kv-block, allowed pairs [G*bq, bk] with rows group-major like q's layout)."""
+  nq, nk = q.shape[1], k.shape[1]
+  g = q.shape[3] // cfg.block_q
+  ids, count = _tile_list(qm, km, cfg.block_q, cfg.block_kv)
+  qmb = _blocked_meta(qm, nq * cfg.block_q, cfg.block_q)
+  kmb = _blocked_meta(km, nk * cfg.block_kv, cfg.block_kv)
+
+  def tile(t):
+    b, qi, ki = _split_id(t, ids, nq, nk)
+    return b, qi, ki, jnp.tile(_tile_mask(qmb, kmb, b, qi, ki), (g, 1))
+
+  return count, tile
+
+
 def _forward(cfg: _Cfg, q, k, v, qm, km):
   """q [B, nq, Hkv, G*bq, D] (query-group major), k/v [B, nk, Hkv, bk, D], blocked metadata.
   Returns out (same layout as q, q's dtype) and lse [B, nq, Hkv, G*bq] (fp32, -inf for queries seeing
   nothing)."""
   b_, nq, hkv, gq, d = q.shape
-  nk = k.shape[1]
-  g = gq // cfg.block_q
-  ids, count = _tile_list(qm, km, cfg.block_q, cfg.block_kv)
-  qmb = _blocked_meta(qm, nq * cfg.block_q, cfg.block_q)
-  kmb = _blocked_meta(km, nk * cfg.block_kv, cfg.block_kv)
+  count, tile = _walk(cfg, q, k, qm, km)
   neg = jnp.float32(-jnp.inf)
 
   def body(t, carry):
     m, l, acc = carry
-    b, qi, ki = _split_id(t, ids, nq, nk)
+    b, qi, ki, allowed = tile(t)
     qb, kb, vb = q[b, qi], k[b, ki], v[b, ki]
     s = jnp.einsum("hqd,hkd->hqk", qb, kb, preferred_element_type=jnp.float32) * cfg.scale
-    allowed = jnp.tile(_tile_mask(qmb, kmb, b, qi, ki), (g, 1))  # [G*bq, bk], rows group-major
     s = jnp.where(allowed[None], s, neg)
     m_old, l_old, acc_old = m[b, qi], l[b, qi], acc[b, qi]
     m_new = jnp.maximum(m_old, s.max(-1))
@@ -109,21 +120,15 @@ def _forward(cfg: _Cfg, q, k, v, qm, km):
 
 
 def _backward(cfg: _Cfg, q, k, v, qm, km, out, lse, do):
-  b_, nq, hkv, gq, d = q.shape
-  nk = k.shape[1]
-  g = gq // cfg.block_q
-  ids, count = _tile_list(qm, km, cfg.block_q, cfg.block_kv)
-  qmb = _blocked_meta(qm, nq * cfg.block_q, cfg.block_q)
-  kmb = _blocked_meta(km, nk * cfg.block_kv, cfg.block_kv)
+  count, tile = _walk(cfg, q, k, qm, km)
   di = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, nq, Hkv, G*bq]
   lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
 
   def body(t, carry):
     dq, dk, dv = carry
-    b, qi, ki = _split_id(t, ids, nq, nk)
+    b, qi, ki, allowed = tile(t)
     qb, kb, vb, dob = q[b, qi], k[b, ki], v[b, ki], do[b, qi]
     s = jnp.einsum("hqd,hkd->hqk", qb, kb, preferred_element_type=jnp.float32) * cfg.scale
-    allowed = jnp.tile(_tile_mask(qmb, kmb, b, qi, ki), (g, 1))
     p = jnp.where(allowed[None], jnp.exp(s - lse_safe[b, qi][..., None]), 0.0)
     dv_t = jnp.einsum("hqk,hqd->hkd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
     dp = jnp.einsum("hqd,hkd->hqk", dob, vb, preferred_element_type=jnp.float32)

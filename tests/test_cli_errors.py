@@ -133,3 +133,17 @@ def test_cli_on_a_cpu_only_machine_prints_no_tpu_runtime_noise():
   assert r.returncode == 0, r.stderr[-3000:]
   assert "backend cpu cpu" in r.stdout
   assert "TPU" not in r.stderr and "libtpu" not in r.stderr, r.stderr[-3000:]
+
+
+def test_console_keeps_tracebacks_of_our_own_records_for_train_log():
+  """A failed save logged while the run stops on another error (a full disk: the metrics write fails, then the
+  pending checkpoint save) printed its chained traceback on the console (5 in benchmarks/faults.py's disk-full
+  run); records with a traceback now go to train.log only, one-line records still print."""
+  import logging as std_logging  # pylint: disable=import-outside-toplevel
+  from bagel_jax.train import cli  # pylint: disable=import-outside-toplevel
+  f = cli._ConsoleFilter()  # pylint: disable=protected-access
+  rec = lambda name, exc: std_logging.LogRecord(name, std_logging.WARNING, __file__, 1, "msg", (),
+                                                (ValueError, ValueError("x"), None) if exc else None)
+  assert f.filter(rec("bagel_jax.train.checkpointing", False))
+  assert not f.filter(rec("bagel_jax.train.checkpointing", True))
+  assert not f.filter(rec("orbax", True)) and not f.filter(rec("asyncio", False))

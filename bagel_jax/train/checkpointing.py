@@ -177,10 +177,11 @@ class Checkpointer:
     """Waits for the last save; `quiet` (the run is already failing) logs a failed save instead of raising."""
     try:
       self.wait()
-    except Exception:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except
       if not quiet:
         raise
-      log.warning("the last checkpoint save failed while the run was stopping", exc_info=True)
+      log.warning("the last checkpoint save failed while the run was stopping: %s", _one_line(e))
+      log.warning("the failed save's traceback", exc_info=True)  # train.log only (bagel-train's console filter)
     finally:
       try:
         self.manager.close()

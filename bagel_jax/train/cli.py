@@ -123,8 +123,10 @@ class _ConsoleFilter:
   records go to `<workdir>/train.log` instead."""
 
   def filter(self, record) -> bool:
+    if record.exc_info:  # ours included: the console gets the one-line message, train.log the traceback
+      return False
     ours = record.name.startswith("bagel_jax")
-    return ours or not (record.exc_info or record.name == "asyncio" or record.levelno >= std_logging.ERROR)
+    return ours or not (record.name == "asyncio" or record.levelno >= std_logging.ERROR)
 
 
 class _QuietFileHandler(std_logging.FileHandler):

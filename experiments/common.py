@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.topology = ""  # TPU slice the config is sized for (AOT and launch scripts); "" = whatever devices exist
   c.model = ml_collections.ConfigDict(dict(
       preset="tiny", variant="mot", dtype="float32", param_dtype="float32", attention_impl="auto",
-      remat_policy="none", scan_layers=True, routing="capacity", ce_chunk_size=0, freeze_und=False,
+      remat_policy="none", scan_layers=True, scan_unroll=1, routing="capacity", ce_chunk_size=0, freeze_und=False,
       copy_init_moe=True, max_latent_size=0, vit_layers=0,
       llm_overrides=ml_collections.ConfigDict()))  # e.g. {num_layers: 2}: AOT extrapolation, small ablations
   # init.vae: "random" (real runs load the FLUX AE via `init.checkpoint`) or "synthetic" (the tiny AE pretrained
@@ -183,6 +183,7 @@ def tiny_cpu(c: ml_collections.ConfigDict, *, variant: str = "mot", ratios=None,
   c.model.dtype = c.model.param_dtype = "float32"
   c.model.attention_impl = "auto"  # tiled on CPU: only the non-empty tiles of the mask
   c.model.remat_policy = "none"
+  c.model.scan_unroll = 64  # the whole layer stack as one straight-line program: faster on CPU
   lat = (image_size // 8) ** 2  # tiny VAE and ViT: 8 px per token
   c.batch.update(dict(batch_size=batch_size, seq_len=seq_len, vit_capacity=seq_len // 4,
                       latent_capacity=seq_len // 2, image_capacity=max(4, seq_len // (2 * lat)),

@@ -51,7 +51,7 @@ def build_model_config(config) -> config_lib.BagelConfig:
   m = config.model
   kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl,
             remat_policy=m.remat_policy, scan_layers=m.scan_layers, routing=m.routing,
-            ce_chunk_size=m.ce_chunk_size, freeze_und=m.freeze_und)
+            ce_chunk_size=m.ce_chunk_size, freeze_und=m.freeze_und, scan_unroll=m.get("scan_unroll", 1))
   cfg = config_lib.get_preset(m.preset, m.variant, **kw)
   if m.get("max_latent_size", 0):
     cfg = cfg.replace(max_latent_size=int(m.max_latent_size))

@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
-from bagel_jax.parallel import aot
+from bagel_jax.aot import report as report_lib, rows as rows_lib
+from bagel_jax.aot import costs
+from bagel_jax.parallel import topology
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -27,15 +29,14 @@ def run_aot(tmp_path, config, topology, *flags, overrides=()):
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  cmd = [sys.executable, "-m", "bagel_jax.parallel.aot", "--config", config, "--topology", topology,
-         "--out", str(out), *flags]
-  for o in list(PALLAS) + list(overrides):
-    cmd += ["--set", o]
+  cmd = [sys.executable, "-m", "bagel_jax.aot", "--config", config, "--topology", topology, "--out", str(out),
+         *flags]
+  cmd += [f"--config.{o}" for o in list(PALLAS) + list(overrides)]
   r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000, check=False)
   assert r.returncode == 0 and out.exists(), f"bagel-aot failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n" \
                                              f"{r.stderr[-6000:]}"
   report = json.loads(out.read_text())
-  aot.check_report(report)
+  report_lib.check_report(report)
   return report, r.stdout
 
 
@@ -52,13 +53,47 @@ def _check_fits(report, device_kind):
 # ----------------------------------------------------------------------------------------------------------
 
 def test_topology_names():
-  assert aot.topology_name("v5p-256") == ("v5p", "v5p:4x4x8", 128)
-  assert aot.topology_name("v5p-128") == ("v5p", "v5p:4x4x4", 64)
-  assert aot.topology_name("v6e-256") == ("v6e", "v6e:16x16", 256)
-  assert aot.topology_name("v5e-16") == ("v5e", "v5e:4x4", 16)
-  assert aot.topology_name("v5p:2x2x1") == ("v5p", "v5p:2x2x1", 4)
-  with pytest.raises(ValueError, match="topology"):
-    aot.topology_name("v7x-9")
+  assert topology.parse("v5p-256") == ("v5p", "v5p:4x4x8", 128)
+  assert topology.parse("v5p-128") == ("v5p", "v5p:4x4x4", 64)
+  assert topology.parse("v6e-256") == ("v6e", "v6e:16x16", 256)
+  assert topology.parse("v5e-16") == ("v5e", "v5e:4x4", 16)
+  assert topology.parse("v5litepod-16") == ("v5e", "v5e:4x4", 16)
+  assert topology.parse("v5p:2x2x1") == ("v5p", "v5p:2x2x1", 4)
+  assert topology.chip_count("v4-128") == 64 and topology.chip_count("v6e-8") == 8
+  for bad in ("v7x-9", "v5p-3", "v6e-1000", "v5p:axb"):
+    with pytest.raises(ValueError, match="topology"):
+      topology.parse(bad)
+
+
+def test_chip_facts_are_read_from_one_table():
+  """The trainer's MFU, the XLA flags and the AOT roofline read the same per-chip table."""
+  from bagel_jax.parallel import xla_flags
+  from bagel_jax.train import flops as flops_lib
+  assert topology.peak_flops("TPU v5p") == topology.CHIPS["v5p"].peak_flops == 459e12
+  assert topology.peak_flops("TPU v5 lite") == 197e12 and topology.peak_flops("TPU v6 lite") == 918e12
+  assert topology.peak_flops("cpu") == 0.0 and topology.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert flops_lib.peak_flops is topology.peak_flops and xla_flags.generation is topology.generation
+
+
+def test_aot_package_is_imported_only_by_clis():
+  """Layering: bagel_jax.aot is a tool (layer 6); no module of the package outside it imports it, except CLIs."""
+  import ast
+  pkg = os.path.join(REPO, "bagel_jax")
+  offenders = []
+  for root, _, files in os.walk(pkg):
+    if os.path.join(pkg, "aot") in root:
+      continue
+    for name in files:
+      if not name.endswith(".py") or name in ("cli.py", "__main__.py"):
+        continue
+      path = os.path.join(root, name)
+      for node in ast.walk(ast.parse(open(path).read())):
+        mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                if isinstance(node, ast.ImportFrom) else [])
+        if any(m == "bagel_jax.aot" or m.startswith("bagel_jax.aot.") for m in mods):
+          offenders.append(os.path.relpath(path, REPO))
+  assert not offenders, offenders
 
 
 def test_collective_bytes_reads_tpu_hlo():
@@ -73,31 +108,32 @@ def test_collective_bytes_reads_tpu_hlo():
       "  ROOT %r = f32[] constant(0)",
       "}",
   ])
-  got = aot.collective_bytes(hlo)
+  got = costs.collective_bytes(hlo)
   assert got == {"reduce-scatter": 64 * 2 * 16 * 2, "all-gather": 32 * 64 * 2, "all-reduce": 2 * 64 * 4,
                  "collective-permute": 16}
-  assert aot.collective_traffic(got) == got["reduce-scatter"] + got["all-gather"] + 2 * got["all-reduce"] + 16
+  assert costs.collective_traffic(got) == got["reduce-scatter"] + got["all-gather"] + 2 * got["all-reduce"] + 16
 
 
 def test_representative_row_follows_the_stage_mix():
   from bagel_jax.train import trainer
-  config = aot.load_config("experiments/bagel_7b/pretrain.py:variant=mot,topology=v5p-256")
+  from experiments.bagel_7b import pretrain
+  config = pretrain.get_config("variant=mot,topology=v5p-256")
   model_cfg = trainer.build_model_config(config)
-  row = aot.representative_row(config, model_cfg)
+  row = rows_lib.representative_row(config, model_cfg)
   assert row["document"].shape == (1, config.batch.seq_len)
   assert (row["document"] > 0).mean() > 0.9  # packed nearly full
-  fractions = aot.tile_fractions(row, model_cfg)
+  fractions = rows_lib.tile_fractions(row)
   assert set(fractions) == {config.batch.seq_len, config.batch.vit_capacity}
   assert all(0 < f < 0.5 for f in fractions.values()), fractions  # block-sparse: most tiles are empty
 
 
 def test_report_schema_check():
-  report = {k: 0 for k in aot.REPORT_KEYS}
-  report["memory_per_chip"] = {k: 0 for k in aot.MEMORY_KEYS}
-  aot.check_report(report)
+  report = {k: 0 for k in report_lib.REPORT_KEYS}
+  report["memory_per_chip"] = {k: 0 for k in report_lib.MEMORY_KEYS}
+  report_lib.check_report(report)
   del report["memory_per_chip"]["total_bytes"]
   with pytest.raises(ValueError, match="memory_per_chip.total_bytes"):
-    aot.check_report(report)
+    report_lib.check_report(report)
 
 
 # ----------------------------------------------------------------------------------------------------------

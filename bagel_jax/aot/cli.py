@@ -28,12 +28,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU slice, e.g. v5p-256, v6e-25
                                 "config's `topology`)")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices (data parallel over DCN; rows per slice stay)")
 _OUT = flags.DEFINE_string("out", "", "write the JSON report here")
-_NO_EXTRAPOLATE = flags.DEFINE_bool("no_extrapolate", False, "skip the 1/2-layer compiles (memory only)")
 _INFERENCE = flags.DEFINE_bool("inference", False, "also compile a denoising and a decode step")
 _MAX_SEQ_LEN = flags.DEFINE_string("max_seq_len", "", "LO,HI: also bisect the largest fitting row length")
-_VARIANT_TOPOLOGY = flags.DEFINE_string(
-    "variant_topology", "", "compile the 1/2-layer FLOPs variants on this smaller slice of the same generation, "
-    "with the same rows per chip (much faster to compile for pod-sized topologies)")
 _INFERENCE_TOPOLOGY = flags.DEFINE_string("inference_topology", "", "slice for --inference (default: --topology)")
 _COLLECT = flags.DEFINE_list("collect", [], "merge these report JSONs into --out (no compile) and print the "
                              "markdown table")
@@ -61,14 +57,13 @@ def with_slices(config, num_slices: int):
   return config
 
 
-def run(config, topology: str, num_slices: int = 1, *, extrapolate: bool = True, inference: bool = False,
-        max_seq_len: str = "", variant_topology: str = "", inference_topology: str = ""):
+def run(config, topology: str, num_slices: int = 1, *, inference: bool = False, max_seq_len: str = "",
+        inference_topology: str = ""):
   """The full report (under the libtpu lock)."""
   config = with_slices(config, num_slices)
   n_dev = topology_lib.chip_count(topology) * num_slices
   with libtpu.libtpu_lock():
-    report = training.analyse(config, topology, num_slices, extrapolate=extrapolate,
-                              variant_topology=variant_topology or None)
+    report = training.analyse(config, topology, num_slices)
     if inference:
       itopo = inference_topology or topology
       same = itopo == topology
@@ -110,9 +105,8 @@ def main(argv: Optional[Sequence[str]] = None):
     topology_lib.parse(topology)
   except ValueError as e:
     _fail(f"--topology: {e}")
-  report = run(config, topology, _NUM_SLICES.value, extrapolate=not _NO_EXTRAPOLATE.value,
-               inference=_INFERENCE.value, max_seq_len=_MAX_SEQ_LEN.value,
-               variant_topology=_VARIANT_TOPOLOGY.value, inference_topology=_INFERENCE_TOPOLOGY.value)
+  report = run(config, topology, _NUM_SLICES.value, inference=_INFERENCE.value, max_seq_len=_MAX_SEQ_LEN.value,
+               inference_topology=_INFERENCE_TOPOLOGY.value)
   print(report_lib.summary_table([report]))
   if _OUT.value:
     _write(_OUT.value, report)

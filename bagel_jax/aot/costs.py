@@ -1,16 +1,10 @@
-"""What a compiled TPU executable says about itself: per-chip memory, XLA's cost analysis, the collectives in
-its HLO, and the roofline arithmetic the report builds on them."""
+"""What a compiled TPU executable says about itself (per-chip memory, XLA's cost analysis, the kernels in it)
+and the time model the report builds on the loop-aware counts of `hlo`."""
 from __future__ import annotations
 
-import re
+import dataclasses
 from typing import Dict
 
-import numpy as np
-
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%[\w.-]+\s*=\s*(\([^=]*?\)|\S+)\s+(all-gather|reduce-scatter|all-reduce|"
-                    r"all-to-all|collective-permute)(-start)?\(")
-_SHAPE = re.compile(r"(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([0-9,]*)\]")
-_BYTES = dict(pred=1, s8=1, u8=1, s16=2, u16=2, bf16=2, f16=2, s32=4, u32=4, f32=4, s64=8, u64=8, f64=8)
 # Per-chip link traffic of a ring collective of N bytes (N = the full, unsharded buffer), in units of N:
 # all-gather and reduce-scatter move N (n-1)/n ~ N, all-reduce 2 N, permutes and all-to-all ~N.
 _TRAFFIC = {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0, "all-to-all": 1.0,
@@ -18,33 +12,8 @@ _TRAFFIC = {"all-gather": 1.0, "reduce-scatter": 1.0, "all-reduce": 2.0, "all-to
 KERNELS = ("bagel_flash_fwd", "bagel_flash_dq", "bagel_flash_dkv")
 
 
-def collective_bytes(hlo_text: str) -> Dict[str, float]:
-  """Bytes of the collectives in a compiled HLO module, by kind: the full (gathered / pre-scatter) buffer of
-  each. TPU's reduce-scatter fusions wrap an all-reduce in an `all-reduce-scatter*` computation; those count as
-  reduce-scatter. Loop bodies count once (use unrolled programs)."""
-  out: Dict[str, float] = {}
-  computation = ""
-  for line in hlo_text.splitlines():
-    if line and not line[0].isspace() and line.rstrip().endswith("{"):
-      computation = line.split()[0] if not line.startswith("ENTRY") else "ENTRY"
-      continue
-    m = _INSTR.match(line)
-    if not m:
-      continue
-    kind = m.group(2)
-    if kind == "all-reduce" and "all-reduce-scatter" in computation:
-      kind = "reduce-scatter"
-    shapes = _SHAPE.findall(m.group(1))
-    if not shapes:
-      continue
-    if m.group(3):  # async start: (operands..., results...): count the results half
-      shapes = shapes[len(shapes) // 2:]
-    n = sum(int(np.prod([int(d) for d in dims.split(",") if d])) * _BYTES[dt] for dt, dims in shapes)
-    out[kind] = out.get(kind, 0.0) + float(n)
-  return out
-
-
 def collective_traffic(coll: Dict[str, float]) -> float:
+  """Per-chip link bytes of collectives given as {kind: full-buffer bytes}."""
   return sum(_TRAFFIC.get(k, 1.0) * v for k, v in coll.items())
 
 
@@ -80,13 +49,50 @@ def is_oom(e: Exception) -> bool:
   return "resource_exhausted" in msg or "ran out of memory" in msg or "out of memory" in msg
 
 
-def segments_roofline(segments, chip) -> Dict[str, float]:
-  """segments: {name: (costs dict with flops/bytes/traffic per chip, multiplicity)}; chip: a topology.Chip."""
-  compute = sum(max(seg["flops"] * n / chip.peak_flops, seg["bytes"] * n / chip.hbm_bw)
-                for seg, n in segments.values())
-  serial = sum(seg["flops"] * n / chip.peak_flops + seg["bytes"] * n / chip.hbm_bw for seg, n in segments.values())
-  flops_t = sum(seg["flops"] * n for seg, n in segments.values()) / chip.peak_flops
-  bytes_t = sum(seg["bytes"] * n for seg, n in segments.values()) / chip.hbm_bw
-  comm = sum(seg["traffic"] * n for seg, n in segments.values()) / (chip.ici_bw / 2)
-  return dict(compute_seconds=compute, compute_seconds_serial=serial, flops_seconds=flops_t,
-              hbm_seconds=bytes_t, collective_seconds=comm)
+@dataclasses.dataclass(frozen=True)
+class Rates:
+  """The time model of the step estimate: per-chip peaks and the efficiencies charged to each kind of work.
+
+  Stated assumptions, not measurements: XLA's own matmuls at the MXU peak; the Pallas attention kernels at
+  `kernel_efficiency` of it (per 512 x 512 tile they run two matmuls plus the softmax on the VPU/EUP);
+  elementwise work on the VPU at `vpu_fraction` of the MXU peak (v5p: 4 VALUs x 8 x 128 lanes x 2 TensorCores
+  x 1.75 GHz ~ 1.4e13 op/s, 1/32 of 459e12; the same ratio is assumed for the other generations),
+  transcendentals at a quarter of that; the MoT gathers and scatters at `gather_efficiency` of the HBM
+  bandwidth; collectives at half the chip's bidirectional ICI bandwidth (a ring moves its bytes one way)."""
+  peak_flops: float
+  hbm_bw: float
+  ici_bw: float
+  kernel_efficiency: float = 0.5
+  vpu_fraction: float = 1 / 32
+  gather_efficiency: float = 0.5
+
+  @classmethod
+  def for_chip(cls, chip, **kw) -> "Rates":
+    return cls(chip.peak_flops, chip.hbm_bw, chip.ici_bw, **kw)
+
+  def assumptions(self) -> Dict[str, float]:
+    return dict(xla_matmul_efficiency=1.0, kernel_efficiency=self.kernel_efficiency,
+                vpu_ops_per_s=self.peak_flops * self.vpu_fraction,
+                transcendentals_per_s=self.peak_flops * self.vpu_fraction / 4,
+                gather_scatter_efficiency=self.gather_efficiency, ici_bytes_per_s=self.ici_bw / 2)
+
+  def op_seconds(self, c: Dict[str, float]) -> Dict[str, float]:
+    """Seconds of one top-level op (a fusion with what it fuses, a kernel, a copy):
+    - `t_bound`: its MXU and kernel FLOPs at the MXU peak and nothing else (the compute-only bound);
+    - `t_roofline`: max(those FLOPs at peak, its HBM bytes at full bandwidth);
+    - `t_estimate`: max over the units that overlap inside one op (VLIW: MXU, VPU, EUP, DMA) of their times
+      at the stated efficiencies; ops run one after another."""
+    mxu = c.get("mxu_flops", 0.0) / self.peak_flops
+    kernel = c.get("kernel_flops", 0.0) / self.peak_flops
+    vpu_rate = self.peak_flops * self.vpu_fraction
+    gather = c.get("gather_bytes", 0.0)
+    hbm = c.get("hbm_bytes", 0.0)
+    mem = max(0.0, hbm - gather) / self.hbm_bw + gather / (self.hbm_bw * self.gather_efficiency)
+    return dict(t_bound=mxu + kernel, t_roofline=max(mxu + kernel, hbm / self.hbm_bw),
+                t_estimate=max(mxu + kernel / self.kernel_efficiency, c.get("vpu_flops", 0.0) / vpu_rate,
+                               c.get("transcendentals", 0.0) / (vpu_rate / 4), mem))
+
+  def collective_seconds(self, c: Dict[str, float]) -> float:
+    """`c`: hlo costs (with 'collective/<kind>' bytes)."""
+    coll = {k.split("/", 1)[1]: v for k, v in c.items() if k.startswith("collective/")}
+    return collective_traffic(coll) / (self.ici_bw / 2)

@@ -4,7 +4,6 @@ cache, through `kernels.ops.cached_attention`)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from typing import Any, Dict
 
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bagel_jax.aot import costs, libtpu, rows as rows_lib
+from bagel_jax.aot import costs, libtpu, rows as rows_lib, training
 from bagel_jax.kernels import mask as mask_lib, ops
 from bagel_jax.models import bagel as bagel_lib
 from bagel_jax.models.routing import take_rows
@@ -113,25 +112,27 @@ def analyse_inference(config, topology: str, num_slices: int = 1, cache_len: int
   options = libtpu.compiler_options(topology)
   out: Dict[str, Any] = {}
 
-  def finish(name, compiled, seconds, model_flops, tokens):
-    mem = costs.memory(compiled)
-    cost = costs.cost(compiled)
-    text = compiled.as_text()
-    coll = costs.collective_bytes(text)
-    t_compute = max(cost["flops"] / chip.peak_flops, cost["bytes"] / chip.hbm_bw)
-    t_comm = costs.collective_traffic(coll) / (chip.ici_bw / 2)
-    step_t = max(t_compute, t_comm)
-    out[name] = dict(
-        compile_seconds=round(seconds, 1), memory_per_chip=dict(mem, hbm_bytes=chip.hbm_bytes,
-                                                                fraction_of_hbm=mem["total_bytes"] / chip.hbm_bytes),
-        xla_flops_per_chip=cost["flops"], xla_bytes_per_chip=cost["bytes"], collectives=coll,
-        model_flops_per_step=model_flops, tokens_per_step=tokens, kernels=costs.kernels(text),
-        roofline=dict(step_seconds=step_t, compute_seconds=t_compute, collective_seconds=t_comm,
-                      limited_by="hbm" if cost["bytes"] / chip.hbm_bw > cost["flops"] / chip.peak_flops else "flops",
-                      mfu_estimate=model_flops / (step_t * chip.peak_flops * n_dev) if step_t else float("nan")))
+  rates = costs.Rates.for_chip(chip)
 
-  # Denoise: the model's forward over prompt + noisy image rows (scan body counted once: the FLOPs/bytes are
-  # scaled by the layer count for the layer part via a 1-layer variant).
+  def finish(name, compiled, seconds, model_flops, tokens, **extra):
+    mem = costs.memory(compiled)
+    text = compiled.as_text()
+    ex = training.executed_costs(text, costs.cost(compiled), rates, model_flops, n_dev, tokens)
+    out[name] = dict(compile_seconds=round(seconds, 1),
+                     memory_per_chip=dict(mem, hbm_bytes=chip.hbm_bytes,
+                                          fraction_of_hbm=mem["total_bytes"] / chip.hbm_bytes),
+                     model_flops_per_step=model_flops, tokens_per_step=tokens, kernels=costs.kernels(text),
+                     compiled=ex["compiled"], **extra)
+    rl = ex["roofline"]
+    out[name]["roofline"] = dict(step_seconds=rl["step_seconds_overlapped"], limited_by=rl["limited_by"],
+                                 mfu_estimate=rl["mfu_estimate_overlapped"],
+                                 mfu_upper_bound_compute_only=rl["mfu_upper_bound_compute_only"],
+                                 hbm_seconds=rl["hbm_seconds"], collective_seconds=rl["collective_seconds"],
+                                 assumptions=rl["assumptions"])
+    return out[name]["roofline"]["step_seconds"]
+
+  # Denoise: the model's forward over rows of prompt + noisy image; weights FSDP-sharded as in training, so
+  # every step all-gathers them.
   rows = n_dev * rows_per_chip
   spec, one = rows_lib.denoise_batch(model_cfg, rows, px=px)
   batch = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), spec.abstract(),
@@ -139,39 +140,12 @@ def analyse_inference(config, topology: str, num_slices: int = 1, cache_len: int
   fl = flops_lib.step_flops(one, model_cfg)
   fwd_flops = (fl["llm_matmul"] + fl["llm_attention"] + fl["latent_io"]) / 3 * rows
   params = _inference_params(model_cfg, mesh, rules, jnp.bfloat16)
-  frac = rows_lib.tile_fractions(one)
-
-  def compile_denoise(cfg):
-    p = _inference_params(cfg, mesh, rules, jnp.bfloat16)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), ops.assume_tile_fraction(frac):
-      t0 = time.time()
-      comp = jax.jit(_denoise_fn(cfg)).lower(p, batch).compile(compiler_options=options)
-    return comp, time.time() - t0
-
-  compiled, sec = compile_denoise(model_cfg)
-  one_layer, _ = compile_denoise(dataclasses.replace(model_cfg, scan_layers=False).replace_llm(num_layers=1))
-  two_layer, _ = compile_denoise(dataclasses.replace(model_cfg, scan_layers=False).replace_llm(num_layers=2))
-  finish("denoise_step", compiled, sec, fwd_flops, int(fl["tokens"]) * rows)
-  c1, c2 = costs.cost(one_layer), costs.cost(two_layer)
-  n = model_cfg.llm.num_layers
-  flops = c1["flops"] + (n - 1) * (c2["flops"] - c1["flops"])
-  byts = c1["bytes"] + (n - 1) * (c2["bytes"] - c1["bytes"])
-  coll = costs.collective_traffic(costs.collective_bytes(one_layer.as_text())) + (n - 1) * (
-      costs.collective_traffic(costs.collective_bytes(two_layer.as_text())) - costs.collective_traffic(costs.collective_bytes(one_layer.as_text())))
-  t_compute = max(flops / chip.peak_flops, byts / chip.hbm_bw)
-  t_comm = coll / (chip.ici_bw / 2)
-  step_t = max(t_compute, t_comm)
-  out["denoise_step"].update(
-      xla_flops_per_chip_extrapolated=flops, xla_bytes_per_chip_extrapolated=byts,
-      roofline=dict(step_seconds=step_t, compute_seconds=t_compute, collective_seconds=t_comm,
-                    limited_by=max(dict(flops=flops / chip.peak_flops, hbm=byts / chip.hbm_bw, ici=t_comm).items(),
-                                   key=lambda kv: kv[1])[0],
-                    mfu_estimate=fwd_flops / (step_t * chip.peak_flops * n_dev),
-                    images_per_second_per_chip=rows_per_chip / step_t,
-                    note="layers extrapolated from 1/2-layer unrolled compiles; weights FSDP-sharded as in "
-                         "training, so every step all-gathers them"),
-      image_px=px, rows=rows)
-  del params
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), ops.assume_tile_fraction(rows_lib.tile_fractions(one)):
+    t0 = time.time()
+    compiled = jax.jit(_denoise_fn(model_cfg)).lower(params, batch).compile(compiler_options=options)
+    sec = time.time() - t0
+  step_t = finish("denoise_step", compiled, sec, fwd_flops, int(fl["tokens"]) * rows, image_px=px, rows=rows)
+  out["denoise_step"]["roofline"]["images_per_second_per_chip"] = rows_per_chip / step_t
 
   # Decode: replicated und weights, rows over every device.
   lc = model_cfg.llm
@@ -191,21 +165,12 @@ def analyse_inference(config, topology: str, num_slices: int = 1, cache_len: int
     sec = time.time() - t0
   per_tok = 2 * (flops_lib.llm_layer_params(model_cfg) * lc.num_layers + lc.hidden_size * lc.vocab_size)
   attn = 4 * lc.num_heads * lc.head_dim * cache_len * lc.num_layers
-  finish("decode_step", compiled, sec, (per_tok + attn) * rows, rows)
-  # the scanned layer body is counted once by XLA: scale its share analytically (weights + cache per layer)
   weight_bytes = sum(int(np.prod(a.shape)) * 2 for a in jax.tree.leaves(w))
   cache_bytes = 2 * lc.num_layers * (rows // n_dev) * cache_len * lc.num_kv_heads * lc.head_dim * 2
-  t_hbm = (weight_bytes + cache_bytes) / chip.hbm_bw
-  t_flops = (per_tok + attn) * rows / n_dev / chip.peak_flops
-  out["decode_step"].update(
-      cache_len=cache_len, rows=rows,
-      roofline=dict(step_seconds=max(t_hbm, t_flops), hbm_seconds=t_hbm, compute_seconds=t_flops,
-                    limited_by="hbm" if t_hbm > t_flops else "flops",
-                    tokens_per_second_per_chip=(rows / n_dev) / max(t_hbm, t_flops),
-                    mfu_estimate=t_flops / max(t_hbm, t_flops),
-                    note="analytic: every step reads the und-expert weights and the row's KV cache once (XLA "
-                         "counts the scanned layer once); batch 1 row per chip"))
-  out["decode_step"]["weights_bytes_per_chip"] = weight_bytes
+  step_t = finish("decode_step", compiled, sec, (per_tok + attn) * rows, rows, cache_len=cache_len, rows=rows,
+                  weights_bytes_per_chip=weight_bytes,
+                  analytic_bytes_per_chip=dict(weights=weight_bytes, kv_cache=cache_bytes,
+                                               note="what a decode step must read once: the und-expert weights "
+                                                    "and each row's cache (cross-check of bytes_per_chip)"))
+  out["decode_step"]["roofline"]["tokens_per_second_per_chip"] = (rows / n_dev) / step_t
   return out
-
-

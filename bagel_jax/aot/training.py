@@ -1,13 +1,16 @@
 """The training step compiled for a TPU topology: memory, structure, and the per-step cost and roofline.
 
-How the cost is counted (XLA's `cost_analysis()` counts a `scan` body once): the step is compiled again with
-(1, 1), (2, 1) and (1, 2) (LLM, ViT) *unrolled* layers and the CE loss unchunked (no loops left), and
-extrapolated linearly to the real depth; the attention kernels' cost estimates assume the non-empty tile
-fraction measured on the representative row (`ops.assume_tile_fraction`).
+One compile of the step that runs (scanned layers, remat, chunked CE). Its cost is counted from the compiled
+HLO with every loop body times its trip count (`hlo`); the attention kernels' cost estimates assume the
+non-empty tile fraction measured on the representative row (`ops.assume_tile_fraction`). Earlier versions
+compiled 1-/2-layer unrolled copies and extrapolated: with `nn.remat(prevent_cse=False)` the compiler
+removed most of the rematerialised forward from those copies, so they undercounted the step.
 """
 from __future__ import annotations
 
 import copy
+import os
+import resource
 import time
 from typing import Any, Dict, Optional
 
@@ -15,7 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from bagel_jax.aot import costs, libtpu, rows as rows_lib
+from bagel_jax.aot import costs, hlo, libtpu, rows as rows_lib
 from bagel_jax.kernels import ops
 from bagel_jax.models import bagel as bagel_lib
 from bagel_jax.parallel import rules as rules_lib
@@ -27,7 +30,8 @@ HEADROOM_TARGET = 0.85  # issue #9: total per-chip memory <= 85% of HBM
 
 
 def compile_step(config, devices, topology: str, tile_fraction=None):
-  """Lowers and compiles the jitted train step for `devices`; returns (compiled, setup, seconds)."""
+  """Lowers and compiles the jitted train step for `devices`; returns (compiled, setup, timing) with timing =
+  {lower_seconds, compile_seconds (wall), compile_cpu_seconds (this process, all threads), peak_rss_bytes}."""
   s = trainer.make_setup(config, devices=devices, check_data=False)
   batch = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s.spec.abstract(),
                        rules_lib.batch_shardings(s.mesh, s.spec.abstract()))
@@ -35,19 +39,17 @@ def compile_step(config, devices, topology: str, tile_fraction=None):
   t0 = time.time()
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules), ops.assume_tile_fraction(tile_fraction):
     lowered = s.step_fn.lower(s.abstract_state, batch)
+    t1, cpu1 = time.time(), _cpu_seconds()
     compiled = lowered.compile(compiler_options=options)
-  return compiled, s, time.time() - t0
+  timing = dict(lower_seconds=round(t1 - t0, 1), compile_seconds=round(time.time() - t1, 1),
+                compile_cpu_seconds=round(_cpu_seconds() - cpu1, 1),
+                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  return compiled, s, timing
 
 
-def unrolled_variant(config, llm_layers: int, vit_layers: int):
-  """The config with this many unrolled layers and the CE unchunked: no loops left for cost analysis."""
-  c = copy.deepcopy(config)
-  with c.unlocked():
-    c.model.llm_overrides = dict(num_layers=llm_layers)
-    c.model.vit_layers = vit_layers
-    c.model.scan_layers = False
-    c.model.ce_chunk_size = 0
-  return c
+def _cpu_seconds() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
 
 
 def memory_report(compiled, chip: topology_lib.Chip) -> Dict[str, Any]:
@@ -56,9 +58,8 @@ def memory_report(compiled, chip: topology_lib.Chip) -> Dict[str, Any]:
               fits_with_headroom=mem["total_bytes"] <= HEADROOM_TARGET * chip.hbm_bytes)
 
 
-def analyse(config, topology: str, num_slices: int = 1, extrapolate: bool = True,
-            variant_topology: Optional[str] = None) -> Dict[str, Any]:
-  """The train-step part of the report for one config on one topology (see bagel_jax/aot/__init__.py)."""
+def analyse(config, topology: str, num_slices: int = 1, rates: Optional[costs.Rates] = None) -> Dict[str, Any]:
+  """The train-step part of the report for one config on one topology: one compile of the step that runs."""
   gen, name, _ = topology_lib.parse(topology)
   chip = topology_lib.CHIPS[gen]
   devices = libtpu.topology_devices(topology, num_slices)
@@ -66,11 +67,14 @@ def analyse(config, topology: str, num_slices: int = 1, extrapolate: bool = True
   model_cfg = trainer.build_model_config(config)
   row = rows_lib.representative_row(config, model_cfg)
   fractions = rows_lib.tile_fractions(row)
-  compiled, s, seconds = compile_step(config, devices, topology, fractions)
+  compiled, s, timing = compile_step(config, devices, topology, fractions)
   text = compiled.as_text()
   report: Dict[str, Any] = dict(
       config=config.name, stage=config.stage, topology=topology, topology_name=name, num_slices=num_slices,
-      devices=n_dev, device_kind=devices[0].device_kind, compile_seconds=round(seconds, 1),
+      devices=n_dev, device_kind=devices[0].device_kind, compile_seconds=timing["compile_seconds"],
+      host=dict(timing, cpu_count=os.cpu_count(),
+                note="peak_rss_bytes: this process's peak resident memory so far (the compile's high-water mark "
+                     "when it is the first); compile_cpu_seconds: user + system time of all its threads"),
       compiler_options=libtpu.compiler_options(topology),
       rejected_compiler_options=list(libtpu.rejected_compiler_options(topology)),
       global_batch_rows=s.spec.batch_size, seq_len=s.spec.seq_len,
@@ -92,13 +96,69 @@ def analyse(config, topology: str, num_slices: int = 1, extrapolate: bool = True
   report["model_flops_per_step"] = model_flops
   report["model_flops_breakdown_per_row"] = dict(row_flops)
   report["representative_row_fill"] = row_flops["tokens"] / s.spec.seq_len
-  report["xla_cost_analysis_raw"] = dict(costs.cost(compiled), collectives=costs.collective_bytes(text),
-                                         note="scan bodies counted once: not a per-step total; optimal_seconds "
-                                              "is XLA's own estimate for this (scanned) program")
-  if extrapolate:
-    report.update(_extrapolated(config, devices, topology, fractions, s, chip, model_flops, n_dev,
-                                report["representative_row_fill"], variant_topology))
+  raw = costs.cost(compiled)
+  report["xla_cost_analysis_raw"] = dict(raw, note="loop bodies counted once: not a per-step total; "
+                                                   "optimal_seconds is XLA's own estimate for this program")
+  tokens = s.spec.batch_size * s.spec.seq_len * report["representative_row_fill"]
+  report.update(executed_costs(text, raw, rates or costs.Rates.for_chip(chip), model_flops, n_dev, tokens))
   return report
+
+
+def executed_costs(text: str, raw: Dict[str, float], rates: costs.Rates, model_flops: float, n_dev: int,
+                   tokens: float) -> Dict[str, Any]:
+  """`compiled` (what the program executes per chip and step, loops x trip counts) and `roofline` (step time
+  and MFU: a compute-only bound and an estimate at stated efficiencies, labelled as such)."""
+  once = hlo.analyse(text, count_trips=False).total
+  run = hlo.analyse(text, count_trips=True, op_seconds=rates.op_seconds)
+  t = run.total
+  g = lambda k: t.get(k, 0.0)
+  executed = (g("mxu_flops") + g("kernel_flops")) * n_dev
+  peak_all = rates.peak_flops * n_dev
+  mfu = lambda seconds: model_flops / (seconds * peak_all) if seconds > 0 else float("nan")
+  counted_once = sum(once.get(k, 0.0) for k in ("mxu_flops", "kernel_flops", "vpu_flops"))
+  t_comm = rates.collective_seconds(t)
+  compiled = dict(
+      flops_per_step=executed, flops_per_chip=executed / n_dev,
+      matmul_flops_per_chip=g("mxu_flops"), kernel_flops_per_chip=g("kernel_flops"),
+      vpu_flops_per_chip=g("vpu_flops"), transcendentals_per_chip=g("transcendentals") + g("kernel_transcendentals"),
+      gather_scatter_bytes_per_chip=g("gather_bytes"), bytes_per_chip=g("hbm_bytes"),
+      collective_bytes_per_chip=g("collective_bytes"),
+      collectives={k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("collective/")},
+      recompute_ratio=executed / model_flops if model_flops else float("nan"),
+      loops=[dict(label=l.label, trips=l.trips, matmul_flops=l.per_iteration.get("mxu_flops", 0.0),
+                  kernel_flops=l.per_iteration.get("kernel_flops", 0.0),
+                  hbm_bytes=l.per_iteration.get("hbm_bytes", 0.0)) for l in run.loops],
+      loops_with_unknown_trip_count=run.unknown_trips,
+      check_against_xla=dict(
+          flops_counted_once=counted_once, xla_flops=raw["flops"],
+          ratio=counted_once / raw["flops"] if raw["flops"] else float("nan"),
+          note="the same HLO with every loop body counted once, against XLA's cost_analysis (which counts "
+               "them once): 1 when the instruction rules agree"),
+      method=("loop-aware count of the compiled step: every computation of the optimised HLO once per "
+              "execution (while bodies x trip counts), XLA HloCostAnalysis rules per instruction, the Pallas "
+              "kernels through their cost estimates at the representative row's tile fraction"))
+  est_overlapped, est_exposed = max(g("t_estimate"), t_comm), g("t_estimate") + t_comm
+  limits = dict(matmul_flops=g("t_bound"), hbm_traffic=g("hbm_bytes") / rates.hbm_bw, collectives=t_comm,
+                non_matmul_work=g("t_estimate") - g("t_bound"))
+  roofline = dict(
+      compute_only_seconds=g("t_bound"), roofline_at_peak_seconds=g("t_roofline"),
+      estimate_seconds=g("t_estimate"), collective_seconds=t_comm, hbm_seconds=g("hbm_bytes") / rates.hbm_bw,
+      step_seconds_overlapped=est_overlapped, step_seconds_exposed=est_exposed,
+      mfu_upper_bound_compute_only=mfu(g("t_bound")),
+      mfu_estimate_overlapped=mfu(est_overlapped), mfu_estimate_exposed=mfu(est_exposed),
+      mfu_roofline_at_peak=mfu(max(g("t_roofline"), t_comm)),
+      limited_by=max(limits, key=limits.get),
+      tokens_per_second_per_chip=tokens / est_overlapped / n_dev if est_overlapped else float("nan"),
+      efficiencies=rates.assumptions(),
+      assumptions=("ESTIMATES, not measurements. compute-only bound: model FLOPs / (executed matmul + kernel "
+                   "FLOPs at the MXU peak), nothing else costs time. estimate: every top-level op of the "
+                   "compiled step (loops x trip counts) costs the slowest of its units, XLA matmuls at the MXU "
+                   "peak, Pallas kernels at kernel_efficiency of it, elementwise work at vpu_ops_per_s, "
+                   "transcendentals at transcendentals_per_s, MoT gathers/scatters at gather_scatter_efficiency "
+                   "of the HBM bandwidth, other bytes at full HBM bandwidth; ops run one after another; "
+                   "collectives at half the per-chip ICI bandwidth (all-reduce twice), hidden behind compute "
+                   "('overlapped') or added ('exposed'). Model FLOPs of a representative row of the stage mix."))
+  return dict(compiled=compiled, roofline=roofline)
 
 
 def per_chip_rows_config(config, n_from: int, n_to: int):
@@ -107,75 +167,10 @@ def per_chip_rows_config(config, n_from: int, n_to: int):
   with c.unlocked():
     rows_per_chip = c.batch.batch_size / n_from
     if rows_per_chip * n_to != int(rows_per_chip * n_to) or rows_per_chip * n_to < 1:
-      raise ValueError(f"--variant_topology: {c.batch.batch_size} rows on {n_from} chips do not map to {n_to} chips")
+      raise ValueError(f"--inference_topology: {c.batch.batch_size} rows on {n_from} chips do not map to {n_to} chips")
     c.batch.batch_size = int(rows_per_chip * n_to)
     c.mesh.dcn.data = 1
   return c
-
-
-def _extrapolated(config, devices, topology, fractions, s, chip, model_flops, n_dev,
-                  fill_fraction: float, variant_topology: Optional[str] = None) -> Dict[str, Any]:
-  lc, vc = s.model_cfg.llm, s.model_cfg.vit
-  parts, secs = {}, 0.0
-  vtopo = variant_topology or topology
-  if vtopo != topology:
-    if topology_lib.generation(vtopo) != topology_lib.generation(topology):
-      raise ValueError(f"--variant_topology {vtopo} must be the same TPU generation as {topology}")
-    vdevices = libtpu.topology_devices(vtopo)
-    config = per_chip_rows_config(config, n_dev, len(vdevices))
-  else:
-    vdevices = devices
-  for key, (nl, nv) in dict(base=(1, 1), llm2=(2, 1), vit2=(1, 2)).items():
-    comp_k, _, sec = compile_step(unrolled_variant(config, nl, nv), vdevices, vtopo, fractions)
-    secs += sec
-    coll = costs.collective_bytes(comp_k.as_text())
-    parts[key] = dict(costs.cost(comp_k), coll=sum(coll.values()), traffic=costs.collective_traffic(coll),
-                      collectives=coll)
-  keys = ("flops", "bytes", "coll", "traffic")
-  per_llm = {k: parts["llm2"][k] - parts["base"][k] for k in keys}
-  per_vit = {k: parts["vit2"][k] - parts["base"][k] for k in keys}
-  base = {k: parts["base"][k] - per_llm[k] - per_vit[k] for k in keys}
-  segments = dict(base=(base, 1), llm_layers=(per_llm, lc.num_layers), vit_layers=(per_vit, vc.num_layers))
-  total = {k: sum(seg[k] * n for seg, n in segments.values()) for k in keys}
-  compiled_flops_total = total["flops"] * n_dev  # cost_analysis figures are per device
-  rl = costs.segments_roofline(segments, chip)
-  overlapped = max(rl["compute_seconds"], rl["collective_seconds"])
-  exposed = rl["compute_seconds"] + rl["collective_seconds"]
-  serial = rl["compute_seconds_serial"] + rl["collective_seconds"]
-  peak_all = chip.peak_flops * n_dev
-  tokens = s.spec.batch_size * s.spec.seq_len
-  limits = dict(matmul_flops=rl["flops_seconds"], hbm_traffic=rl["hbm_seconds"],
-                collectives=rl["collective_seconds"])
-  return dict(
-      compiled=dict(
-          flops_per_step=compiled_flops_total, flops_per_chip=total["flops"], bytes_per_chip=total["bytes"],
-          collective_bytes_per_chip=total["coll"], collective_link_traffic_per_chip=total["traffic"],
-          recompute_ratio=compiled_flops_total / model_flops if model_flops else float("nan"),
-          per_llm_layer=per_llm, per_vit_layer=per_vit,
-          non_layer=base, collectives_base=parts["base"]["collectives"],
-          variant_compile_seconds=round(secs, 1), variant_topology=vtopo,
-          method=("1/2-layer unrolled compiles, CE unchunked, extrapolated to the full depth" +
-                  ("" if vtopo == topology else
-                   f"; compiled on {vtopo} with the same rows per chip (per-chip FLOPs and bytes are those of "
-                   f"the full slice; FSDP collectives are counted as full-buffer bytes, which do not depend on "
-                   f"the slice size)"))),
-      roofline=dict(
-          compute_seconds=rl["compute_seconds"], compute_seconds_serial=rl["compute_seconds_serial"],
-          matmul_seconds_at_peak=rl["flops_seconds"], hbm_seconds=rl["hbm_seconds"],
-          collective_seconds=rl["collective_seconds"],
-          step_seconds_overlapped=overlapped, step_seconds_exposed=exposed, step_seconds_serial=serial,
-          mfu_estimate_overlapped=model_flops / (overlapped * peak_all),
-          mfu_estimate_exposed=model_flops / (exposed * peak_all),
-          mfu_estimate_serial=model_flops / (serial * peak_all),
-          mfu_upper_bound_compute_only=model_flops / (rl["flops_seconds"] * peak_all),
-          limited_by=max(limits, key=limits.get),
-          tokens_per_second_per_chip=tokens * fill_fraction / overlapped / n_dev,
-          assumptions=("per segment (non-layer / LLM layer / ViT layer) max(FLOPs/peak, bytes/HBM-bw), "
-                       "'serial' adds them; layers extrapolated from 1- and 2-layer unrolled compiles; attention "
-                       "kernels costed at the representative row's non-empty tile fraction; collectives at half "
-                       "the per-chip bidirectional ICI bandwidth (all-reduce counted twice), 'overlapped' hides "
-                       "them behind compute, 'exposed' adds them; model FLOPs of a representative row of the "
-                       "stage mix; an estimate, not a measurement")))
 
 
 def largest_tensors(s, n: int = 8):

@@ -6,7 +6,7 @@
    tok/s, compile time, forward vs backward, the attention and MLP shares, and the roofline of this machine
    (model FLOPs / a fp32 matmul rate measured in the same run).
 2. `small`: the `small` preset (L=2,048), dense vs MoT, and the MFU the same step would reach on a TPU
-   topology according to the AOT roofline (bagel_jax/parallel/aot.py).
+   topology according to the AOT roofline (bagel_jax/aot/).
 
   python benchmarks/train_step.py [--only official_small|small] [--steps 10] [--topology v5p:2x2x1] [--no_aot]
 
@@ -245,9 +245,9 @@ def tpu_estimate(variant: str, topology: str):
   """Run in a subprocess: libtpu must not be loaded by the CPU benchmark process (and takes the shared
   libtpu lock, so it queues behind any other AOT job). One row per chip: per-chip work equals the CPU row's."""
   code = (f"import json,sys; sys.path.insert(0,{REPO!r}); from benchmarks.train_step import small_config; "
-          f"from bagel_jax.parallel import aot; c=small_config({variant!r}); c.model.dtype='bfloat16'; "
-          f"c.batch.batch_size=aot.topology_name({topology!r})[2]\n"
-          f"with aot.libtpu_lock(): r=aot.analyse(c,{topology!r})\nprint(json.dumps(dict(memory=r['memory_per_chip'], "
+          f"from bagel_jax.aot import libtpu, training; from bagel_jax.parallel import topology; "
+          f"c=small_config({variant!r}); c.model.dtype='bfloat16'; c.batch.batch_size=topology.chip_count({topology!r})\n"
+          f"with libtpu.libtpu_lock(): r=training.analyse(c,{topology!r})\nprint(json.dumps(dict(memory=r['memory_per_chip'], "
           f"roofline=r['roofline'], compiled=dict(recompute_ratio=r['compiled']['recompute_ratio']), "
           f"model_flops=r['model_flops_per_step'], device_kind=r['device_kind'])))")
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}

@@ -11,6 +11,8 @@ from typing import Any, Dict
 
 import ml_collections
 
+from bagel_jax.parallel import topology as topology_lib
+
 # Paper Table 3 (reference §6.5): the four BAGEL stages.
 STAGES: Dict[str, Dict[str, Any]] = {
     "align": dict(lr=1e-3, schedule="cosine", warmup_steps=250, steps=5_000, ce_weight=1.0, mse_weight=0.0,
@@ -30,13 +32,6 @@ STAGES: Dict[str, Dict[str, Any]] = {
                 und_res=(378, 980), timestep_shift=4.0, trainable=".*",
                 ratios=dict(text=0.05, t2i=0.3, i2t=0.05, interleaved_und=0.2, video=0.2, web=0.2)),
 }
-
-# TPU slice names -> chip counts (v4/v5p names count TensorCores, two per chip).
-TOPOLOGY_CHIPS = {"v5p-8": 4, "v5p-16": 8, "v5p-32": 16, "v5p-64": 32, "v5p-128": 64, "v5p-256": 128,
-                  "v5p-512": 256, "v5p-1024": 512, "v6e-4": 4, "v6e-8": 8, "v6e-16": 16, "v6e-32": 32,
-                  "v6e-64": 64, "v6e-128": 128, "v6e-256": 256, "v5e-16": 16, "v5e-64": 64, "v5e-256": 256,
-                  "v4-8": 4, "v4-32": 16, "v4-128": 64}
-
 
 class Arg:
   """A checked config arg for `parse_arg`: `Arg(default, choices=(...))` or `Arg(default, min=1)`.
@@ -110,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
       ce_capacity=0, vae_image_capacity=0, vae_image_size=0))
   # data.sources: a tuple (not a list) so `--config.data.sources=...` can override it from the command line
   c.data = ml_collections.ConfigDict(dict(source="random", seed=0, sources=()))
+  # The stage's data-kind ratios (Table 3; `apply_stage` writes them): what the AOT tool's representative rows
+  # are drawn from. The training data itself is `data`.
+  c.stage_mix = ml_collections.ConfigDict(dict(ratios=ml_collections.ConfigDict(
+      dict(text=0.0, t2i=0.0, i2t=0.0, interleaved_und=0.0, video=0.0, web=0.0))))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, schedule="constant", warmup_steps=0, min_lr=1e-7, total_steps=1000, b1=0.9, b2=0.95, eps=1e-15,
       weight_decay=0.0, clip_norm=1.0, grad_accum=1, trainable=".*", frozen="vae/.*", ema_decay=0.0))
@@ -142,6 +141,7 @@ def apply_stage(c: ml_collections.ConfigDict, stage: str, *, steps=None) -> ml_c
   c.loss.ce_weight = s["ce_weight"]
   c.loss.mse_weight = s["mse_weight"]
   c.loss.timestep_shift = s["timestep_shift"]
+  c.stage_mix.ratios.update(s["ratios"])
   c.train.steps = steps or s["steps"]
   c.optim.total_steps = c.train.steps
   return c
@@ -149,10 +149,8 @@ def apply_stage(c: ml_collections.ConfigDict, stage: str, *, steps=None) -> ml_c
 
 def size_for_topology(c: ml_collections.ConfigDict, topology: str, *, rows_per_chip: int = 1):
   """One packed row per chip (the paper packs one sequence per rank)."""
-  if topology not in TOPOLOGY_CHIPS:
-    raise ValueError(f"unknown topology {topology!r}; known: {sorted(TOPOLOGY_CHIPS)}")
+  c.batch.batch_size = topology_lib.chip_count(topology) * rows_per_chip  # raises on an unknown name
   c.topology = topology
-  c.batch.batch_size = TOPOLOGY_CHIPS[topology] * rows_per_chip
   return c
 
 
@@ -164,7 +162,7 @@ def fsdp_ici(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   and would leave the ViT with its Adam and EMA copies on every chip (7.6 instead of ~1.9 GiB of arguments per
   chip, the first v6e compile in docs/tpu_aot.md)."""
   from bagel_jax.models import config as model_config  # pylint: disable=import-outside-toplevel
-  chips = TOPOLOGY_CHIPS[c.topology]
+  chips = topology_lib.chip_count(c.topology)
   m = model_config.get_preset(c.model.preset, c.model.variant)
   group = math.gcd(chips, math.gcd(m.llm.hidden_size, m.vit.hidden_size))
   c.mesh.ici.update(dict(data=chips // group, fsdp=group, tensor=1))

@@ -8,7 +8,8 @@
 2. `small`: the `small` preset (L=2,048), dense vs MoT, and the MFU the same step would reach on a TPU
    topology according to the AOT roofline (bagel_jax/aot/).
 
-  python benchmarks/train_step.py [--only official_small|small] [--steps 10] [--topology v5p:2x2x1] [--no_aot]
+  python benchmarks/train_step.py [--only official_small|small] [--steps 10] [--layouts unrolled,scan]
+                                  [--topology v5p:2x2x1] [--no_aot]
 
 Writes benchmarks/results/train_step.json (sections not run are kept from the existing file). Ratios are
 measured in one run; absolute CPU times depend on the machine and its load (recorded with the results).
@@ -96,7 +97,14 @@ def matmul_rate(steps: int = 10) -> float:
   return 2 * 1024 * 512 * 1408 / t / 1e9
 
 
-def official_small(steps: int, impl: str = "auto", unroll: int = 8):
+LAYOUTS = {  # how the 8 decoder layers are laid out in the program (BagelConfig knobs)
+    "unrolled": dict(scan_layers=False),            # one module per layer: fastest on CPU
+    "scan_unrolled": dict(scan_layers=True, scan_unroll=8),  # stacked parameters (the TPU layout), no loop
+    "scan": dict(scan_layers=True, scan_unroll=1),  # the TPU default: one loop over stacked layers
+}
+
+
+def official_small(steps: int, impl: str = "auto", layout: str = "unrolled", components: bool = True):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -106,7 +114,7 @@ def official_small(steps: int, impl: str = "auto", unroll: int = 8):
   from bagel_jax.models import bagel as bagel_lib, config as config_lib  # pylint: disable=import-outside-toplevel
   from bagel_jax.train import flops as flops_lib  # pylint: disable=import-outside-toplevel
 
-  c = config_lib.official_small("mot", attention_impl=impl, scan_unroll=unroll)
+  c = config_lib.official_small("mot", attention_impl=impl, **LAYOUTS[layout])
   batch_np, _ = official_small_row(c)
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
   params = bagel_lib.init_params(c, jax.random.key(0))
@@ -130,29 +138,31 @@ def official_small(steps: int, impl: str = "auto", unroll: int = 8):
   _, grad_compile, grad_s = _compile_and_time(jax.value_and_grad(loss), (trainable, batch, rng), steps)
   _, step_compile, step_s = _compile_and_time(full_step, (trainable, opt_state, batch, rng), steps)
 
-  # Components at the step's shapes, timed alone: the 8 layers' attention (fwd+bwd) with this impl and with
-  # the dense reference, and the 8 layers' MLP (und and gen buffers of 1,024 tokens each).
-  lc = c.llm
-  meta = mask_lib.TokenMeta.from_row(batch["document"], batch["split"], batch["split_mode"])
-  kq = jax.random.split(jax.random.key(2), 4)
-  q = jax.random.normal(kq[0], (1, 2048, lc.num_heads, lc.head_dim))
-  k = jax.random.normal(kq[1], (1, 2048, lc.num_kv_heads, lc.head_dim))
-  v = jax.random.normal(kq[2], (1, 2048, lc.num_kv_heads, lc.head_dim))
+  attn, mlp_s = ({}, None)
+  if components:
+    # Components at the step's shapes, timed alone: the 8 layers' attention (fwd+bwd) with this impl and with
+    # the dense reference, and the 8 layers' MLP (und and gen buffers of 1,024 tokens each).
+    lc = c.llm
+    meta = mask_lib.TokenMeta.from_row(batch["document"], batch["split"], batch["split_mode"])
+    kq = jax.random.split(jax.random.key(2), 4)
+    q = jax.random.normal(kq[0], (1, 2048, lc.num_heads, lc.head_dim))
+    k = jax.random.normal(kq[1], (1, 2048, lc.num_kv_heads, lc.head_dim))
+    v = jax.random.normal(kq[2], (1, 2048, lc.num_kv_heads, lc.head_dim))
 
-  def attn_loss(which):
-    return lambda q, k, v: jnp.sum(attention_lib.attention(q, k, v, meta, meta, impl=which) ** 2)
+    def attn_loss(which):
+      return lambda q, k, v: jnp.sum(attention_lib.attention(q, k, v, meta, meta, impl=which) ** 2)
 
-  attn = {w: lc.num_layers * _compile_and_time(jax.grad(attn_loss(w), (0, 1, 2)), (q, k, v),
-                                                steps if w != "reference" else 3)[2]
-          for w in (impl, "reference")}
-  x = jax.random.normal(kq[3], (1024, lc.hidden_size))
-  w_gu = jax.random.normal(kq[0], (2, lc.hidden_size, lc.intermediate_size)) * 0.02
-  w_d = jax.random.normal(kq[1], (lc.intermediate_size, lc.hidden_size)) * 0.02
+    attn = {w: lc.num_layers * _compile_and_time(jax.grad(attn_loss(w), (0, 1, 2)), (q, k, v),
+                                                  steps if w != "reference" else 3)[2]
+            for w in (impl, "reference")}
+    x = jax.random.normal(kq[3], (1024, lc.hidden_size))
+    w_gu = jax.random.normal(kq[0], (2, lc.hidden_size, lc.intermediate_size)) * 0.02
+    w_d = jax.random.normal(kq[1], (lc.intermediate_size, lc.hidden_size)) * 0.02
 
-  def mlp_loss(w_gu, w_d, x):
-    return jnp.sum((jax.nn.silu(x @ w_gu[0]) * (x @ w_gu[1])) @ w_d)
+    def mlp_loss(w_gu, w_d, x):
+      return jnp.sum((jax.nn.silu(x @ w_gu[0]) * (x @ w_gu[1])) @ w_d)
 
-  mlp_s = 2 * lc.num_layers * _compile_and_time(jax.grad(mlp_loss, (0, 1, 2)), (w_gu, w_d, x), steps)[2]
+    mlp_s = 2 * lc.num_layers * _compile_and_time(jax.grad(mlp_loss, (0, 1, 2)), (w_gu, w_d, x), steps)[2]
 
   off = official_reference()
   fl = flops_lib.step_flops(batch_np, c)
@@ -166,12 +176,11 @@ def official_small(steps: int, impl: str = "auto", unroll: int = 8):
       forward_s=fwd_s, forward_backward_s=grad_s, train_step_s=step_s,
       backward_over_forward=(grad_s - fwd_s) / fwd_s,
       tokens_per_s=tokens / grad_s, train_step_tokens_per_s=tokens / step_s,
-      attention_fwd_bwd_s={impl: attn[impl], "reference": attn["reference"]},
-      mlp_fwd_bwd_s=mlp_s,
-      share_of_forward_backward=dict(attention=attn[impl] / grad_s, mlp=mlp_s / grad_s),
+      attention_fwd_bwd_s=attn or None, mlp_fwd_bwd_s=mlp_s,
+      share_of_forward_backward=dict(attention=attn[impl] / grad_s, mlp=mlp_s / grad_s) if attn else None,
       model_flops=fl, fp32_matmul_gflops=rate, roofline_step_s=roofline_s,
       roofline_tokens_per_s=tokens / roofline_s, achieved_fraction_of_roofline=roofline_s / grad_s,
-      scan_unroll=c.scan_unroll,
+      layout=layout, scan_layers=c.scan_layers, scan_unroll=c.scan_unroll,
       official=off, speedup_over_official=tokens / grad_s / off["tokens_per_s"],
       train_step_speedup_over_official=tokens / step_s / off["train_step_tokens_per_s"],
       load_average_during_run=os.getloadavg())
@@ -179,17 +188,18 @@ def official_small(steps: int, impl: str = "auto", unroll: int = 8):
 
 def print_official(r):
   print(f"official_small MoT, {r['trainable_params']:,d} trainable params, {r['tokens_per_step']} tokens "
-        f"({r['ce_tokens']} CE, {r['mse_tokens']} MSE), attention_impl={r['attention_impl']}")
+        f"({r['ce_tokens']} CE, {r['mse_tokens']} MSE), attention_impl={r['attention_impl']}, layers {r['layout']}")
   print(f"{'':28s} {'seconds':>9s} {'tok/s':>8s} {'compile s':>10s}")
   for name, key, ckey in (("forward + loss", "forward_s", "forward"),
                           ("forward + loss + backward", "forward_backward_s", "forward_backward"),
                           ("train step (with AdamW)", "train_step_s", "train_step")):
     print(f"{name:28s} {r[key]:9.3f} {r['tokens_per_step'] / r[key]:8.0f} {r['compile_s'][ckey]:10.1f}")
   a = r["attention_fwd_bwd_s"]
-  print(f"backward / forward: {r['backward_over_forward']:.2f}; attention fwd+bwd (8 layers): "
-        f"{a[r['attention_impl']]:.3f} s ({r['share_of_forward_backward']['attention']:.0%}), dense reference "
-        f"{a['reference']:.3f} s; MLP fwd+bwd (8 layers, 2 experts): {r['mlp_fwd_bwd_s']:.3f} s "
-        f"({r['share_of_forward_backward']['mlp']:.0%})")
+  print(f"backward / forward: {r['backward_over_forward']:.2f}")
+  if a:
+    print(f"attention fwd+bwd (8 layers): {a[r['attention_impl']]:.3f} s "
+          f"({r['share_of_forward_backward']['attention']:.0%}), dense reference {a['reference']:.3f} s; MLP "
+          f"fwd+bwd (8 layers, 2 experts): {r['mlp_fwd_bwd_s']:.3f} s ({r['share_of_forward_backward']['mlp']:.0%})")
   print(f"model FLOPs {r['model_flops']['total'] / 1e9:.0f} G/step; fp32 matmul {r['fp32_matmul_gflops']:.0f} GFLOP/s "
         f"-> roofline {r['roofline_tokens_per_s']:.0f} tok/s; achieved {r['achieved_fraction_of_roofline']:.0%}")
   o = r["official"]
@@ -263,6 +273,8 @@ def main():
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--only", choices=("official_small", "small"), default=None, help="run one section")
   ap.add_argument("--impl", default="auto", help="attention_impl of the official_small rows")
+  ap.add_argument("--layouts", default="unrolled,scan_unrolled,scan",
+                  help=f"layer layouts of the official_small rows, the first also timed by component: {list(LAYOUTS)}")
   ap.add_argument("--topology", default="v5p:2x2x1")
   ap.add_argument("--no_aot", action="store_true")
   ap.add_argument("--aot_only", action="store_true", help="keep the CPU rows of the existing results file")
@@ -274,9 +286,12 @@ def main():
     with open(path) as f:
       old = json.load(f)
   if args.only != "small" and not args.aot_only:
-    off = official_small(args.steps, args.impl)
-    print_official(off)
-    old["official_small"] = off
+    rows = {}
+    for i, layout in enumerate(args.layouts.split(",")):
+      rows[layout] = official_small(args.steps, args.impl, layout, components=i == 0)
+      print_official(rows[layout])
+    old["official_small"] = next(iter(rows.values()))
+    old["official_small_layouts"] = rows
   if args.only == "official_small":
     with open(path, "w") as f:
       json.dump(old, f, indent=1, default=float)

@@ -105,10 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
       ce_capacity=0, vae_image_capacity=0, vae_image_size=0))
   # data.sources: a tuple (not a list) so `--config.data.sources=...` can override it from the command line
   c.data = ml_collections.ConfigDict(dict(source="random", seed=0, sources=()))
-  # The stage's data-kind ratios (Table 3; `apply_stage` writes them): what the AOT tool's representative rows
-  # are drawn from. The training data itself is `data`.
+  # The stage's data-kind ratios and image edges in px (Table 3; `apply_stage` writes them): what the AOT tool's
+  # representative rows are drawn from (bagel_jax/aot/rows.py). The training data itself is `data`.
   c.stage_mix = ml_collections.ConfigDict(dict(ratios=ml_collections.ConfigDict(
-      dict(text=0.0, t2i=0.0, i2t=0.0, interleaved_und=0.0, video=0.0, web=0.0))))
+      dict(text=0.0, t2i=0.0, i2t=0.0, interleaved_und=0.0, video=0.0, web=0.0)), gen_res=(0, 0), und_res=(0, 0)))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, schedule="constant", warmup_steps=0, min_lr=1e-7, total_steps=1000, b1=0.9, b2=0.95, eps=1e-15,
       weight_decay=0.0, clip_norm=1.0, grad_accum=1, trainable=".*", frozen="vae/.*", ema_decay=0.0))
@@ -142,6 +142,7 @@ def apply_stage(c: ml_collections.ConfigDict, stage: str, *, steps=None) -> ml_c
   c.loss.mse_weight = s["mse_weight"]
   c.loss.timestep_shift = s["timestep_shift"]
   c.stage_mix.ratios.update(s["ratios"])
+  c.stage_mix.gen_res, c.stage_mix.und_res = s["gen_res"] or (0, 0), s["und_res"] or (0, 0)
   c.train.steps = steps or s["steps"]
   c.optim.total_steps = c.train.steps
   return c

@@ -117,7 +117,7 @@ _SCRIPT = textwrap.dedent("""
 
       with jax.set_mesh(mesh):
         report(jax.jit(step).lower(*args), t0)
-      blk = min(ops.DEFAULT_BLOCK_Q, L)
+      blk = min(ops.block_size(L), L)
       tiles = int((bt.dense_tile_classes(meta, meta, blk, blk) != bt.EMPTY).sum())
       result["tiles"] = tiles
       result["total_tiles"] = B * (L // blk) ** 2

@@ -28,3 +28,31 @@ def test_small_benchmark_rows_are_full():
                                  und_capacity=b.und_capacity)
   batch = examples.random_batch(m, spec, seed=0)
   assert int((batch["modality"] != batch_lib.PAD).sum()) >= 0.95 * b.seq_len
+
+
+def test_stage_rows_come_from_the_real_packer_with_random_boundaries():
+  """The AOT tool's and the kernel benchmark's rows: the stage mix's samples packed by the pipeline's packer
+  (same seed, same rows), nearly full, with document boundaries off the 512-token tile grid."""
+  import numpy as np
+  from benchmarks import attention_kernel as ak
+  cfg = config_lib.bagel_7b()
+  a, batch = ak.stage_rows(cfg, "pretrain", 8192, 4, seed=3)
+  b, _ = ak.stage_rows(cfg, "pretrain", 8192, 4, seed=3)
+  np.testing.assert_array_equal(a.document, b.document)
+  assert (a.document > 0).mean() > 0.9
+  starts = [i for r in a.document for i in np.flatnonzero(np.diff(np.r_[0, r]) != 0) if r[i] > 0]
+  assert len(starts) > 8 and any(s % 512 for s in starts), starts
+  assert int(batch["num_documents"].sum()) == len(starts)
+
+
+def test_stage_mix_draws_kinds_by_the_stage_ratios():
+  from bagel_jax.aot import rows
+  from experiments.bagel_7b import pretrain
+  c = pretrain.get_config("variant=mot,topology=v5p-256")
+  m = config_lib.bagel_7b()
+  mix = rows.StageMix.from_config(c)
+  assert mix.ratios == dict(text=0.05, t2i=0.6, i2t=0.1, interleaved_und=0.1, video=0.1, web=0.05)
+  stream = rows.stage_samples(m, mix, examples.batch_spec_for(m, batch_size=1, seq_len=36864), seed=0)
+  kinds = [next(stream).kind for _ in range(4000)]
+  for k, r in mix.ratios.items():
+    assert abs(kinds.count(k) / len(kinds) - r) < 0.03, (k, kinds.count(k) / len(kinds), r)

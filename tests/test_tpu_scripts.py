@@ -54,6 +54,10 @@ def test_setup_launch_logs_delete():
     assert "--worker=all" in c and "bagel_jax.parallel.xla_flags\\ v5p-256" in c
     assert "--config.distributed.initialize=True" in c and "gs://b/run" in c
   assert launch[2].startswith("gcloud compute tpus tpu-vm ssh pt-0") and "--worker=0" in launch[2]
+  # the persistent compilation cache: per worker by default, or one shared path that outlives the VMs
+  assert 'JAX_COMPILATION_CACHE_DIR=\\"\\$HOME/.jax_cache\\"' in launch[0], launch[0]
+  shared = _dry("launch.sh", "--name", "pt", "--compile-cache", "gs://b/xla", "--", "--workdir", "gs://b/run")
+  assert 'JAX_COMPILATION_CACHE_DIR=\\"gs://b/xla\\"' in shared[0], shared[0]
   assert "--worker=3" in _dry("logs.sh", "--name", "pt", "--worker", "3")[0]
   assert _dry("delete.sh", "--name", "pt") == [
       "gcloud compute tpus queued-resources delete pt --zone=us-east5-a --project=my-proj --force --async --quiet"]

@@ -74,9 +74,58 @@ def test_align_stage_trains_only_the_connector(tmp_path):
   changed = {k for k in before if any(not np.array_equal(x, y) for x, y in
                                       zip(jax.tree.leaves(before[k]), jax.tree.leaves(after[k])))}
   assert changed == {"connector"}, changed
-  # the VAE is frozen in every stage
-  c2 = _small("steps=1,lr=1e-2")
-  assert not any(jax.tree.leaves(jax.tree.map(lambda m: m, trainer.make_setup(c2).mask["vae"])))
+
+
+def _pixel(arg=""):
+  """The tiny smoke config with pixel-mode rows (the frozen VAE encodes images inside the step)."""
+  c = _small(arg)
+  c.batch.update(dict(vae_image_capacity=4, vae_image_size=32))
+  return c
+
+
+def test_frozen_weights_have_no_optimizer_or_ema_copy():
+  """Rows with precomputed latents: the VAE is not in the train state at all (params, Adam, EMA); the
+  checkpoint view still holds it, so `params` and `ema` load as whole models. Pixel-mode rows: the VAE is in
+  the state (the step encodes with it) but frozen: no Adam moments, no EMA copy, FSDP-sharded convs."""
+  import flax.linen as nn
+  from bagel_jax.parallel import rules as rules_lib
+  s = trainer.make_setup(_small("steps=1"))
+  paths = lambda tree: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  assert "vae" not in s.abstract_state.params and "vae" not in s.abstract_state.ema
+  assert not any("'vae'" in p for p in paths(s.abstract_state.opt_state))
+  assert "vae" in s.saved_abstract.params and "vae" in s.saved_abstract.ema and set(s.outside_shardings) == {"vae"}
+  px = trainer.make_setup(_pixel("steps=1"))
+  assert "vae" in px.abstract_state.params and not any(jax.tree.leaves(px.mask["vae"]))
+  assert "vae" not in px.abstract_state.ema and not px.outside_shardings
+  assert not any("'vae'" in p for p in paths(px.abstract_state.opt_state) if "mu" in p or "nu" in p)
+  for name in ("default", "fsdp_only"):  # what decides the convs' placement on a pod
+    spec = nn.logical_to_mesh_axes(("conv_h", "conv_w", "conv_in", "conv_out"), rules_lib.get_rules(name))
+    assert tuple(spec) == (None, None, None, "fsdp"), (name, spec)
+
+
+def test_checkpoint_of_the_old_layout_resumes(tmp_path):
+  """A checkpoint written when the frozen VAE lived in the state (its optimizer entries and an EMA copy of
+  every weight) resumes under the new layout, and training from it gives the same parameters as a fresh run."""
+  from bagel_jax.train import checkpointing, inputs, optimizer as opt_lib
+  from bagel_jax.train.step import TrainState
+  c = _small("steps=3")
+  fresh, old = str(tmp_path / "fresh"), str(tmp_path / "old")
+  trainer.train(c, fresh)
+  s = trainer.make_setup(c)
+  params = trainer.initial_params(s)
+  tx_full, _, _ = opt_lib.make_optimizer(c.optim, params)
+  old_state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx_full.init(params),
+                         ema=jax.tree.map(jax.numpy.copy, params))
+  data = inputs.make_input(c, s.model_cfg, s.local_spec, 0, 1)
+  ck = checkpointing.Checkpointer(os.path.join(old, "checkpoints"), s.model_cfg, async_save=False)
+  ck.save(old_state, data, force=True)
+  ck.close()
+  trainer.train(c, old)
+  for x, y in zip(jax.tree.leaves(_params(fresh, 3)), jax.tree.leaves(_params(old, 3))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  ema, _, _ = ckpt_lib.load_params(os.path.join(old, "checkpoints"), step=3, item="ema")
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(ema["vae"])[0]),
+                                np.asarray(jax.tree.leaves(params["vae"])[0]))
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):

@@ -98,7 +98,7 @@ c2 = random_smoke.get_config("steps=2,batch=8")
 c2.mesh.ici.update(dict(data=2, fsdp=2, tensor=2))
 s = trainer.make_setup(c2)
 ck = checkpointing.Checkpointer(workdir + "/checkpoints", s.model_cfg)
-state, step = ck.restore(s.abstract_state, None)
+state, step = ck.restore(s.saved_abstract, None)  # the checkpoint view: full params
 from bagel_jax import checkpoint as ckpt_lib
 saved, _, _ = ckpt_lib.load_params(workdir + "/checkpoints")
 same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved)))

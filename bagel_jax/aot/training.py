@@ -27,6 +27,7 @@ from bagel_jax.train import flops as flops_lib
 from bagel_jax.train import trainer
 
 HEADROOM_TARGET = 0.85  # issue #9: total per-chip memory <= 85% of HBM
+REPRESENTATIVE_ROWS = 8  # rows of the stage mix packed by the real packer; model FLOPs are their mean
 
 
 def compile_step(config, devices, topology: str, tile_fraction=None):
@@ -65,8 +66,8 @@ def analyse(config, topology: str, num_slices: int = 1, rates: Optional[costs.Ra
   devices = libtpu.topology_devices(topology, num_slices)
   n_dev = len(devices)
   model_cfg = trainer.build_model_config(config)
-  row = rows_lib.representative_row(config, model_cfg)
-  fractions = rows_lib.tile_fractions(row)
+  rows = rows_lib.representative_rows(config, model_cfg, REPRESENTATIVE_ROWS)
+  fractions = rows_lib.tile_fractions(rows)
   compiled, s, timing = compile_step(config, devices, topology, fractions)
   text = compiled.as_text()
   report: Dict[str, Any] = dict(
@@ -91,11 +92,12 @@ def analyse(config, topology: str, num_slices: int = 1, rates: Optional[costs.Ra
       largest_tensors=largest_tensors(s),
       sharding_shortfalls=shortfalls(s),
   )
-  row_flops = flops_lib.step_flops(row, s.model_cfg)
+  row_flops = {k: v / REPRESENTATIVE_ROWS for k, v in flops_lib.step_flops(rows, s.model_cfg).items()}
   model_flops = row_flops["total"] * s.spec.batch_size
   report["model_flops_per_step"] = model_flops
-  report["model_flops_breakdown_per_row"] = dict(row_flops)
+  report["model_flops_breakdown_per_row"] = row_flops
   report["representative_row_fill"] = row_flops["tokens"] / s.spec.seq_len
+  report["representative_rows"] = representative_summary(rows, s.spec.seq_len)
   raw = costs.cost(compiled)
   report["xla_cost_analysis_raw"] = dict(raw, note="loop bodies counted once: not a per-step total; "
                                                    "optimal_seconds is XLA's own estimate for this program")
@@ -159,6 +161,17 @@ def executed_costs(text: str, raw: Dict[str, float], rates: costs.Rates, model_f
                    "collectives at half the per-chip ICI bandwidth (all-reduce twice), hidden behind compute "
                    "('overlapped') or added ('exposed'). Model FLOPs of a representative row of the stage mix."))
   return dict(compiled=compiled, roofline=roofline)
+
+
+def representative_summary(rows, seq_len: int) -> Dict[str, Any]:
+  """What the model FLOPs were counted on: fill and documents per row (their spread), the packer's binding
+  capacity."""
+  fill = (np.asarray(rows["document"]) > 0).mean(axis=1)
+  return dict(rows=int(fill.size), fill=rows_lib.spread(fill), documents=rows_lib.spread(rows["num_documents"]),
+              vit_tokens=rows_lib.spread((np.asarray(rows["vit_image"]) > 0).sum(axis=1)),
+              latent_tokens=rows_lib.spread((np.asarray(rows["latent_image"]) > 0).sum(axis=1)),
+              source="bagel_jax/aot/rows.py: the stage mix's samples packed by data.pipeline.PackBatches "
+                     "(second batch, steady state)")
 
 
 def per_chip_rows_config(config, n_from: int, n_to: int):

@@ -35,13 +35,14 @@ _COMMON: Rules = (
     ("latent", None),
     ("vit_patch", None),
     ("vit_pos", None),
-    ("conv_h", None), ("conv_w", None), ("conv_in", None), ("conv_out", None),
+    ("conv_h", None), ("conv_w", None), ("conv_in", None),
     ("exp", "expert"),
 )
 
 RULE_SETS: Dict[str, Rules] = {
     # FSDP over `fsdp` (and tensor parallelism over `tensor` when that axis is > 1).
     "default": _COMMON + (
+        ("conv_out", "fsdp"),  # the frozen VAE's convs: FSDP-sharded on output channels, never a copy per chip
         ("embed", "fsdp"),
         ("vit_embed", "fsdp"),
         ("mlp", "tensor"),
@@ -53,6 +54,7 @@ RULE_SETS: Dict[str, Rules] = {
     ),
     # Pure FSDP: weights sharded on their largest dims over every non-batch mesh axis, no tensor parallelism.
     "fsdp_only": _COMMON + (
+        ("conv_out", "fsdp"),
         ("embed", ("fsdp", "tensor")),
         ("vit_embed", ("fsdp", "tensor")),
         ("mlp", None),

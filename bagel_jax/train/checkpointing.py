@@ -59,7 +59,8 @@ class Checkpointer:
 
   def save(self, state, data_iter, *, force: bool = False) -> bool:
     step = int(jax.device_get(state.step))
-    args = dict(params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
+    # opt_state through the PyTree handler on both sides: its restore is partial (see `restore`)
+    args = dict(params=ocp.args.StandardSave(state.params), opt_state=ocp.args.PyTreeSave(state.opt_state),
                 train=ocp.args.JsonSave({"step": step}))
     if state.ema is not None:
       args["ema"] = ocp.args.StandardSave(state.ema)
@@ -114,8 +115,13 @@ class Checkpointer:
     before = data_iter.get_state() if data_iter is not None else None
     failed: List[Tuple[int, BaseException]] = []
     for step in steps:
+      # opt_state: partial, so a checkpoint written while the frozen VAE was in the state (its optimizer state
+      # entries are empty placeholders) restores into a state without it.
+      opt_restore = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_state.opt_state)
       args = dict(params=ocp.args.StandardRestore(abstract_state.params),
-                  opt_state=ocp.args.StandardRestore(abstract_state.opt_state), train=ocp.args.JsonRestore())
+                  opt_state=ocp.args.PyTreeRestore(abstract_state.opt_state, restore_args=opt_restore,
+                                                   partial_restore=True),
+                  train=ocp.args.JsonRestore())
       if abstract_state.ema is not None:
         args["ema"] = ocp.args.StandardRestore(abstract_state.ema)
       if data_iter is not None:

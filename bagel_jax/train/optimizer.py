@@ -2,8 +2,8 @@
 
 Freezing is by regex over '/'-joined parameter paths (big_vision style): a parameter trains iff it matches
 `optim.trainable` and not `optim.frozen`. Frozen leaves get `optax.set_to_zero` (no optimizer state, no
-contribution to the clipping norm, as `requires_grad=False` parameters in the official FSDP setup) and are
-passed through `stop_gradient` in the step, so XLA never computes their gradients.
+contribution to the clipping norm, as `requires_grad=False` parameters in the official FSDP setup), no EMA
+copy (`trained`), and are passed through `stop_gradient` in the step, so XLA never computes their gradients.
 """
 from __future__ import annotations
 
@@ -66,9 +66,33 @@ def make_optimizer(optim, params: Any) -> tuple:
   return tx, schedule, mask
 
 
+def trained(tree: Any, mask: Any) -> Any:
+  """The trained leaves of a parameter-shaped tree of nested dicts (frozen leaves, and modules left empty,
+  dropped): what the EMA holds, so frozen weights have no second copy in HBM."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    m = mask[k]
+    if isinstance(v, dict):
+      sub = trained(v, m)
+      if sub:
+        out[k] = sub
+    elif m:
+      out[k] = v
+  return out
+
+
+def merge(base: Any, part: Any) -> Any:
+  """`base` with the leaves of `part` (a subtree of nested dicts, e.g. `trained(...)`) put in."""
+  if not isinstance(part, dict):
+    return part
+  return {k: merge(v, part[k]) if k in part else v for k, v in base.items()}
+
+
 def ema_update(ema: Any, params: Any, mask: Any, decay: float) -> Any:
-  """ema <- decay * ema + (1 - decay) * param for trained leaves (frozen leaves equal their parameter)."""
-  return jax.tree.map(lambda e, p, m: (decay * e + (1.0 - decay) * p) if m else e, ema, params, mask)
+  """ema <- decay * ema + (1 - decay) * param over the trained leaves (`ema` is `trained(params, mask)`)."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, trained(params, mask))
 
 
 def freeze(params: Any, mask: Any) -> Any:

@@ -20,15 +20,17 @@ from bagel_jax.train import optimizer as opt_lib
 
 @flax.struct.dataclass
 class TrainState:
+  """`params`: what the step uses (frozen leaves included, no optimizer state for them); `ema`: the EMA of the
+  trained leaves only (`optimizer.trained`)."""
   step: jnp.ndarray
   params: Any
   opt_state: Any
   ema: Optional[Any] = None
 
 
-def init_state(params, tx, ema: bool) -> TrainState:
+def init_state(params, tx, ema: bool, mask: Any) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema=jax.tree.map(jnp.copy, params) if ema else None)
+                    ema=jax.tree.map(jnp.copy, opt_lib.trained(params, mask)) if ema else None)
 
 
 def batch_counts(batch):

@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -186,6 +186,26 @@ class Setup:
   abstract_state: Any
   step_fn: Any
   finite_fn: Any = None  # state -> scalar bool: params, optimizer state and EMA all finite (on device)
+  # Modules kept beside the state, sharded, never passed to the step (the frozen VAE when rows carry latents):
+  # {module: shardings}. Checkpoints keep the full trees (`saved_abstract`, `to_saved`, `from_saved`).
+  outside_shardings: Any = None
+  saved_abstract: Any = None
+
+
+def to_saved(s: Setup, state: TrainState, outside: Dict[str, Any]) -> TrainState:
+  """The checkpoint's view of a state: full params (the modules kept outside put back) and a full EMA tree
+  (frozen leaves = their parameters, as inference loads `ema` as a whole model). No copies are made."""
+  params = {**state.params, **outside}
+  return state.replace(params=params, ema=None if state.ema is None else opt_lib.merge(params, state.ema))
+
+
+def from_saved(s: Setup, saved: TrainState) -> Tuple[TrainState, Dict[str, Any]]:
+  """A restored checkpoint view -> (train state, modules kept outside)."""
+  outside = {k: saved.params[k] for k in s.outside_shardings}
+  params = {k: v for k, v in saved.params.items() if k not in outside}
+  ema = None if saved.ema is None else opt_lib.trained(
+      {k: v for k, v in saved.ema.items() if k not in outside}, s.mask)
+  return saved.replace(params=params, ema=ema), outside
 
 
 def _opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh):
@@ -217,24 +237,29 @@ def make_setup(config, devices=None, check_data: bool = True) -> Setup:
   spec = build_batch_spec(config, model_cfg)
   local_spec = dataclasses.replace(spec, batch_size=spec.batch_size // jax.process_count())
 
-  abstract_params = bagel_lib.abstract_params(model_cfg)
+  full_abstract = bagel_lib.abstract_params(model_cfg)
   logical = bagel_lib.param_logical_axes(model_cfg)
-  param_shardings = rules_lib.logical_to_sharding(logical, abstract_params, mesh, rules)
-  shortfalls = rules_lib.sharding_shortfalls(logical, abstract_params, mesh, rules)
+  full_shardings = rules_lib.logical_to_sharding(logical, full_abstract, mesh, rules)
+  shortfalls = rules_lib.sharding_shortfalls(logical, full_abstract, mesh, rules)
   if shortfalls:
     log.warning("%d parameter arrays are sharded fewer ways than config.mesh.rules=%r asks (a dimension the mesh "
                 "axes do not divide): %.1f MiB more per device, largest %s %s wanted %s got %s",
                 len(shortfalls), config.mesh.rules, sum(r[-1] for r in shortfalls) / 2**20, *shortfalls[0][:4])
+  outside = () if spec.pixel_mode else ("vae",)  # rows carry latents: the frozen VAE never runs in the step
+  abstract_params = {k: v for k, v in full_abstract.items() if k not in outside}
+  param_shardings = {k: v for k, v in full_shardings.items() if k not in outside}
   optim = config.optim
   tx, schedule, mask = opt_lib.make_optimizer(optim, abstract_params)
   ema = optim.ema_decay > 0
-  abstract_state = jax.eval_shape(lambda p: init_state(p, tx, ema), abstract_params)
+  abstract_state = jax.eval_shape(lambda p: init_state(p, tx, ema, mask), abstract_params)
   state_shardings = TrainState(
       step=rules_lib.replicated(mesh), params=param_shardings,
       opt_state=_opt_state_shardings(abstract_state.opt_state, abstract_params, param_shardings, mesh),
-      ema=param_shardings if ema else None)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                                state_shardings)
+      ema=opt_lib.trained(param_shardings, mask) if ema else None)
+  with_sharding = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
+  abstract_state = jax.tree.map(with_sharding, abstract_state, state_shardings)
+  full_params = jax.tree.map(with_sharding, full_abstract, full_shardings)
+  saved_abstract = abstract_state.replace(params=full_params, ema=full_params if ema else None)
   train_step = make_train_step(
       model_cfg, tx=tx, mask=mask, schedule=schedule, seed=int(config.seed),
       timestep_shift=float(config.loss.timestep_shift), ce_weight=float(config.loss.ce_weight),
@@ -244,7 +269,8 @@ def make_setup(config, devices=None, check_data: bool = True) -> Setup:
                     out_shardings=(state_shardings, rules_lib.replicated(mesh)), donate_argnums=(0,))
   finite_fn = jax.jit(state_is_finite, in_shardings=(state_shardings,), out_shardings=rules_lib.replicated(mesh))
   return Setup(config, model_cfg, mesh, rules, spec, local_spec, tx, schedule, mask, param_shardings,
-               state_shardings, abstract_state, step_fn, finite_fn)
+               state_shardings, abstract_state, step_fn, finite_fn,
+               outside_shardings={k: full_shardings[k] for k in outside}, saved_abstract=saved_abstract)
 
 
 def state_is_finite(state: TrainState):
@@ -256,16 +282,19 @@ def state_is_finite(state: TrainState):
 
 
 def init_params_sharded(s: Setup, rng) -> Any:
-  """Parameters created directly in their shardings (no full copy on one device)."""
+  """The full parameter tree (the modules kept outside the state included) created directly in its shardings
+  (no full copy on one device)."""
   rng_model, rng_vae = jax.random.split(rng)
-  no_vae = {k: v for k, v in s.param_shardings.items() if k != "vae"}
+  shardings = s.saved_abstract.params
+  shardings = jax.tree.map(lambda a: a.sharding, shardings)
+  no_vae = {k: v for k, v in shardings.items() if k != "vae"}
   init = jax.jit(lambda r: nn.unbox(bagel_lib._boxed_init(s.model_cfg, r, with_vae=False))["params"],  # pylint: disable=protected-access
                  out_shardings=no_vae)
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     params = init(rng_model)
-  params["vae"] = jax.device_put(initial_vae_params(s, rng_vae), s.param_shardings["vae"])
+  params["vae"] = jax.device_put(initial_vae_params(s, rng_vae), shardings["vae"])
   if s.config.model.copy_init_moe and s.model_cfg.llm.num_modality_experts == 2:
-    params = jax.jit(lambda p: bagel_lib.init_gen_from_und(p, s.model_cfg), out_shardings=s.param_shardings)(params)
+    params = jax.jit(lambda p: bagel_lib.init_gen_from_und(p, s.model_cfg), out_shardings=shardings)(params)
   return params
 
 
@@ -287,18 +316,26 @@ def initial_params(s: Setup) -> Any:
   """From `config.init.checkpoint` (converted weights), else fresh."""
   path = s.config.init.checkpoint
   if path:
-    params, _, step = ckpt_lib.load_params(path, s.model_cfg, abstract=s.abstract_state.params,
+    params, _, step = ckpt_lib.load_params(path, s.model_cfg, abstract=s.saved_abstract.params,
                                            item=s.config.init.item)
     print(f"initialised from {path} step {step} ({s.config.init.item})", flush=True)
     return params
   return init_params_sharded(s, jax.random.key(int(s.config.seed)))
 
 
-def create_state(s: Setup) -> TrainState:
-  params = initial_params(s)
+def create_state(s: Setup, params: Optional[Any] = None) -> TrainState:
+  """A fresh train state from the full parameters (`initial_params` by default); the modules kept outside the
+  state are dropped from it (`outside_params` keeps them)."""
+  params = initial_params(s) if params is None else params
   ema = s.config.optim.ema_decay > 0
   with jax.set_mesh(s.mesh):
-    return jax.jit(lambda p: init_state(p, s.tx, ema), out_shardings=s.state_shardings)(params)
+    return jax.jit(lambda p: init_state({k: v for k, v in p.items() if k not in s.outside_shardings}, s.tx, ema,
+                                        s.mask),
+                   out_shardings=s.state_shardings)(params)
+
+
+def outside_params(s: Setup, params: Any) -> Dict[str, Any]:
+  return {k: params[k] for k in s.outside_shardings}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,20 +385,24 @@ def train(config, workdir: str, devices=None, start_over: bool = False) -> Dict[
                                     keep=config.train.keep_checkpoints, keep_period=config.train.keep_period,
                                     async_save=config.train.async_checkpoint)
   try:
-    state, restored_step = ckpt.restore(s.abstract_state, data_iter, start_over=start_over)
+    saved, restored_step = ckpt.restore(s.saved_abstract, data_iter, start_over=start_over)
   except BaseException:
     ckpt.close(quiet=True)
     raise
-  if state is None:
-    state = create_state(s)
+  if saved is None:
+    params = initial_params(s)
+    state, outside = create_state(s, params), outside_params(s, params)
+    del params
     start = 0
     if pidx == 0:
       kept = metrics_lib.rotate_history(workdir)
       if kept:
         print(f"starting from step 0; the previous metrics history is kept as {', '.join(kept)}", flush=True)
   else:
+    state, outside = from_saved(s, saved)
     start = restored_step
     print(f"resumed from step {start}", flush=True)
+  del saved
   writer = metrics_lib.create_writer(workdir, pidx, tensorboard=config.train.tensorboard)
   if pidx == 0 and isinstance(getattr(writer, "writers", [None])[0], metrics_lib.JsonlCsvWriter):
     writer.writers[0].truncate_after(start)
@@ -433,7 +474,7 @@ def train(config, workdir: str, devices=None, start_over: bool = False) -> Dict[
         if pending is not None:
           _check_finite(pending, ckpt)
         _check_state_finite(s, state, step, ckpt)
-        ckpt.save(state, data_iter, force=preempted or step == total)
+        ckpt.save(to_saved(s, state, outside), data_iter, force=preempted or step == total)
       if preempted:
         print(f"preemption notice: saved step {step}, exiting", flush=True)
         break

@@ -1,0 +1,72 @@
+"""Regenerates benchmarks/results/aot_7b.json: every AOT compile the README and docs/tpu_aot.md quote, one
+`bagel-aot` subprocess each (they queue on the libtpu lock), merged by `bagel-aot --collect`.
+
+  python benchmarks/aot_7b.py                    # all rows (tens of minutes on a 2-core host)
+  python benchmarks/aot_7b.py --only pt_v5p256   # one row, merged with the others' existing reports
+
+Each report carries what was compiled and how long it took on this host (`host`: compile wall and CPU
+seconds, peak resident memory), per-chip memory (measured by the compiler), executed FLOPs counted from the
+compiled program and the MFU range (estimates; see docs/tpu_aot.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PT = "experiments/bagel_7b/pretrain.py"
+
+# name -> (config file:arg, extra bagel-aot flags)
+RUNS = {
+    "pt_v5p256": (f"{PT}:variant=mot,topology=v5p-256", ["--inference"]),
+    "ct_v5p256": ("experiments/bagel_7b/continued.py:variant=mot,topology=v5p-256", []),
+    "pt_v6e256_offload": (f"{PT}:variant=mot,topology=v6e-256", []),
+    "pt_v6e256_in_hbm": (f"{PT}:variant=mot,topology=v6e-256,remat=nothing_saveable", []),
+    "abl_mot_v6e256": ("experiments/ablation/mot.py:size=1.5b,topology=v6e-256", []),
+    "abl_dense_v6e256": ("experiments/ablation/dense.py:size=1.5b,topology=v6e-256", []),
+    # the longest row per chip that was compiled: every per-row capacity scaled with the row (tokens=...)
+    "pt_v5p256_131k": (f"{PT}:variant=mot,topology=v5p-256,tokens=131072", []),
+}
+
+
+def run_one(name: str, spec, flags, out_dir: str) -> str:
+  out = os.path.join(out_dir, f"{name}.json")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # libtpu must load
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  cmd = [sys.executable, "-m", "bagel_jax.aot", "--config", spec, "--out", out, *flags]
+  print("+", " ".join(cmd), flush=True)
+  r = subprocess.run(cmd, cwd=REPO, env=env, check=False)
+  if r.returncode:
+    raise SystemExit(f"{name}: bagel-aot failed (rc {r.returncode})")
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--only", default="", help="comma list of run names (default: all): " + ", ".join(RUNS))
+  ap.add_argument("--reports", default=os.path.join(HERE, "results", "aot_7b"),
+                  help="folder of the per-run reports")
+  ap.add_argument("--out", default=os.path.join(HERE, "results", "aot_7b.json"))
+  args = ap.parse_args(argv)
+  os.makedirs(args.reports, exist_ok=True)
+  names = [n for n in args.only.split(",") if n] or list(RUNS)
+  unknown = sorted(set(names) - set(RUNS))
+  if unknown:
+    raise SystemExit(f"unknown runs {unknown}; known: {sorted(RUNS)}")
+  for name in names:
+    run_one(name, *RUNS[name], args.reports)
+  paths = [os.path.join(args.reports, f"{n}.json") for n in RUNS if os.path.exists(os.path.join(args.reports,
+                                                                                                 f"{n}.json"))]
+  cmd = [sys.executable, "-m", "bagel_jax.aot", f"--collect={','.join(paths)}", "--out", args.out]
+  subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True)
+  with open(args.out) as f:
+    return json.load(f)
+
+
+if __name__ == "__main__":
+  main()

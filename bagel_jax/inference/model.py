@@ -21,7 +21,8 @@ from bagel_jax import checkpoint as ckpt_lib
 from bagel_jax.data import samples as samples_lib
 from bagel_jax.data import tokenizer as tok_lib
 from bagel_jax.data import transforms as tf
-from bagel_jax.data.sequence import SpecialTokens
+from bagel_jax.layout import SpecialTokens
+from bagel_jax.models.bagel import abstract_params
 from bagel_jax.models import config as config_lib
 
 DEFAULT_IMAGE_SIZE = 32  # the built-in synthetic data's side; real checkpoints pass their own sizes
@@ -188,7 +189,6 @@ def random_params(config: config_lib.BagelConfig, seed: int = 0):
   """Random parameters of the right shapes built on the host from abstract shapes (no model trace to compile):
   weights N(0, 0.05), norm scales 1 + N(0, 0.1), VAE convs N(0, 1/fan_in); committed to the default device like
   restored weights. For tests and smoke runs."""
-  from bagel_jax.models.bagel import abstract_params  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   abstract = abstract_params(config)
 

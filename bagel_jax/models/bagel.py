@@ -206,8 +206,8 @@ class Bagel(nn.Module):
 
 def init_batch(config: BagelConfig) -> Dict[str, jnp.ndarray]:
   """A minimal all-padding batch: parameter shapes never depend on the batch shapes."""
-  spec = batch_lib.BatchSpec(batch_size=1, seq_len=8, vit_capacity=1, latent_capacity=1, image_capacity=1,
-                             vit_patch_dim=config.vit.patch_dim, latent_dim=config.latent_channels)
+  spec = batch_lib.BatchSpec.for_model(config, batch_size=1, seq_len=8, vit_capacity=1, latent_capacity=1,
+                                      image_capacity=1)
   return {k: jnp.asarray(v) for k, v in spec.empty().items()}
 
 

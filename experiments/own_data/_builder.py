@@ -43,7 +43,11 @@ def own_data_config(name: str, arg, sources, *, gen_und: float = 0.0):
   c = common.base_config()
   c.name = name
   c.seed = arg.seed
-  common.apply_stage(c, "pretrain", steps=arg.steps)
+  # The PT recipe's schedule and losses (experiments/bagel_7b/pretrain.py) at CPU scale.
+  c.stage = "pretrain"
+  c.optim.schedule = "constant"
+  c.optim.trainable = ".*"
+  c.loss.update(dict(ce_weight=0.25, mse_weight=1.0, timestep_shift=1.0))
   common.tiny_cpu(c, variant=arg.variant, batch_size=arg.batch_size, seq_len=arg.seq_len,
                   image_size=arg.image_size)
   c.data.source = "pipeline"

@@ -46,6 +46,22 @@ def constrain(x, axes: Axes):
   return nn.with_logical_constraint(x, axes)
 
 
+def flat_matmul(x, kernel, n_in: int):
+  """x [*lead, *in] @ kernel [*in, *out] -> [*lead, *out] as one 2-D matmul [prod(lead), prod(in)] x
+  [prod(in), prod(out)] (the reshapes are bitcasts).
+
+  Why not one dot_general over the original axes: its weight gradient contracts several token axes
+  (batch and length), which XLA's CPU backend canonicalises with transposing copies of the cotangent fused
+  with the elementwise ops before it, a slow loop on CPU (docs/cpu_performance.md); a single flat token axis
+  gives a plain transposed-operand matmul. Numerically the same contraction.
+  """
+  lead, ins, outs = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+  if kernel.ndim == n_in + 1 and len(lead) == 1 and n_in == 1:
+    return x @ kernel
+  y = x.reshape(math.prod(lead), math.prod(ins)) @ kernel.reshape(math.prod(ins), math.prod(outs))
+  return y.reshape(lead + outs)
+
+
 class Linear(nn.Module):
   """y = x @ kernel + bias, contracting the last `len(in_shape)` axes of x.
 
@@ -69,8 +85,7 @@ class Linear(nn.Module):
     kernel = param(self, "kernel", init, tuple(self.in_shape) + tuple(self.out_shape),
                    tuple(self.in_axes) + tuple(self.out_axes), dtype_of(self.param_dtype))
     dt = dtype_of(self.dtype)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(dt), kernel.astype(dt), (contract, ((), ())))
+    y = flat_matmul(x.astype(dt), kernel.astype(dt), n_in)
     if self.use_bias:
       bias = param(self, "bias", self.bias_init, tuple(self.out_shape), tuple(self.out_axes),
                    dtype_of(self.param_dtype))

@@ -72,12 +72,10 @@ class ExpertLinear(nn.Module):
                           lead_axes + self.in_axes + self.out_axes, pdt)
     bias = (layers.param(self, "bias", layers.zeros_init, lead + self.out_shape, lead_axes + self.out_axes, pdt)
             if self.use_bias else None)
-    n_in = len(self.in_shape)
     outs = []
     for e, x in enumerate(xs):
       k = kernel[e] if self.num > 1 else kernel
-      contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-      y = jax.lax.dot_general(x.astype(dt), k.astype(dt), (contract, ((), ())))
+      y = layers.flat_matmul(x.astype(dt), k.astype(dt), len(self.in_shape))
       if bias is not None:
         y = y + (bias[e] if self.num > 1 else bias).astype(dt)
       outs.append(y)

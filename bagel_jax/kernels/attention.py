@@ -17,6 +17,7 @@ import importlib
 from typing import Callable, Dict
 
 import jax
+import jax.numpy as jnp
 
 from bagel_jax.kernels import mask as mask_lib
 from bagel_jax.kernels.reference import reference_attention
@@ -62,3 +63,15 @@ def attention(q, k, v, q_meta: mask_lib.TokenMeta, kv_meta: mask_lib.TokenMeta, 
               scale=None):
   """q: [B, Lq, Hq, D]; k, v: [B, Lk, Hkv, D]; metadata [B, L*] each. Returns [B, Lq, Hq, D]."""
   return implementation(impl)(q, k, v, q_meta, kv_meta, scale=scale)
+
+
+def attention_with_cache(q, k, v, q_meta: mask_lib.TokenMeta, k_cache, v_cache, cache_meta: mask_lib.TokenMeta, *,
+                         impl: str = DEFAULT_IMPL, scale=None):
+  """Cached decoding: a block's queries (with their own k, v) attend to a KV cache [B, Lc, Hkv, D] plus the
+  block, under the training mask predicate (`cache_meta`: unused slots are document 0), through the same
+  implementations as `attention`."""
+  kv_meta = mask_lib.TokenMeta(*(jnp.concatenate([jnp.asarray(c, jnp.int32), jnp.asarray(m, jnp.int32)], axis=1)
+                                 for c, m in zip(cache_meta, q_meta)))
+  k_all = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
+  v_all = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
+  return attention(q, k_all, v_all, q_meta, kv_meta, impl=impl, scale=scale)

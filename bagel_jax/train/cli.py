@@ -5,6 +5,7 @@
 Examples:
   bagel-train --config experiments/bagel_7b/pretrain.py:model=tiny,steps=300 --workdir workdirs/pt
   bagel-train --config experiments/tiny/random_smoke.py:steps=20 --workdir /tmp/smoke --config.optim.lr=3e-4
+  bagel-train --config experiments/tiny/vae.py --workdir workdirs/tiny_vae    # a VAE recipe (config.recipe="vae")
 
 Flags:
   --config FILE[:ARG]   experiment config file; ARG is its typed comma list (e.g. model=tiny,steps=300; each

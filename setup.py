@@ -44,7 +44,7 @@ setup(
     },
     entry_points={"console_scripts": [
         "bagel-train = bagel_jax.train.cli:main",
-        "bagel-aot = bagel_jax.parallel.aot:main",
+        "bagel-aot = bagel_jax.aot.cli:main",
         "bagel-convert = bagel_jax.convert.cli:main",
         "bagel-sample = bagel_jax.inference.cli:sample_main",
         "bagel-chat = bagel_jax.inference.cli:chat_main",

@@ -8,15 +8,11 @@ overridable with `--config.optim.lr=3e-4`. Here: the typed `parse_arg`, sizing a
 from __future__ import annotations
 
 import math
+
 import ml_collections
 
+from bagel_jax.parallel import topology as topology_lib
 from bagel_jax.train.config import base_config  # noqa: F401  (the schema every recipe starts from)
-
-# TPU slice names -> chip counts (v4/v5p names count TensorCores, two per chip).
-TOPOLOGY_CHIPS = {"v5p-8": 4, "v5p-16": 8, "v5p-32": 16, "v5p-64": 32, "v5p-128": 64, "v5p-256": 128,
-                  "v5p-512": 256, "v5p-1024": 512, "v6e-4": 4, "v6e-8": 8, "v6e-16": 16, "v6e-32": 32,
-                  "v6e-64": 64, "v6e-128": 128, "v6e-256": 256, "v5e-16": 16, "v5e-64": 64, "v5e-256": 256,
-                  "v4-8": 4, "v4-32": 16, "v4-128": 64}
 
 
 class Arg:
@@ -74,10 +70,8 @@ def parse_arg(arg, **spec):
 
 def size_for_topology(c: ml_collections.ConfigDict, topology: str, *, rows_per_chip: int = 1):
   """One packed row per chip (the paper packs one sequence per rank)."""
-  if topology not in TOPOLOGY_CHIPS:
-    raise ValueError(f"unknown topology {topology!r}; known: {sorted(TOPOLOGY_CHIPS)}")
+  c.batch.batch_size = topology_lib.chip_count(topology) * rows_per_chip  # raises on an unknown name
   c.topology = topology
-  c.batch.batch_size = TOPOLOGY_CHIPS[topology] * rows_per_chip
   return c
 
 
@@ -89,7 +83,7 @@ def fsdp_ici(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   and would leave the ViT with its Adam and EMA copies on every chip (7.6 instead of ~1.9 GiB of arguments per
   chip, the first v6e compile in docs/tpu_aot.md)."""
   from bagel_jax.models import config as model_config  # pylint: disable=import-outside-toplevel
-  chips = TOPOLOGY_CHIPS[c.topology]
+  chips = topology_lib.chip_count(c.topology)
   m = model_config.get_preset(c.model.preset, c.model.variant)
   group = math.gcd(chips, math.gcd(m.llm.hidden_size, m.vit.hidden_size))
   c.mesh.ici.update(dict(data=chips // group, fsdp=group, tensor=1))
@@ -106,6 +100,7 @@ def tiny_cpu(c: ml_collections.ConfigDict, *, variant: str = "mot", ratios=None,
   c.model.dtype = c.model.param_dtype = "float32"
   c.model.attention_impl = "auto"  # tiled on CPU: only the non-empty tiles of the mask
   c.model.remat_policy = "none"
+  c.model.scan_unroll = 64  # the whole layer stack as one straight-line program: faster on CPU
   lat = (image_size // 8) ** 2  # tiny VAE and ViT: 8 px per token
   c.batch.update(dict(batch_size=batch_size, seq_len=seq_len, vit_capacity=seq_len // 4,
                       latent_capacity=seq_len // 2, image_capacity=max(4, seq_len // (2 * lat)),
@@ -140,13 +135,3 @@ def seven_b_batch(c: ml_collections.ConfigDict, tokens: int) -> ml_collections.C
 
 
 BAGEL_7B_STAGES = ("align", "pretrain", "continued", "sft")
-
-
-def __getattr__(name):
-  """`STAGES`: {stage: {"ratios": ...}} read from the four recipe files (experiments/bagel_7b/), for
-  bagel_jax/parallel/aot.py until it moves to bagel_jax/aot/ and reads `config.data.ratios` instead."""
-  if name == "STAGES":
-    import importlib  # pylint: disable=import-outside-toplevel
-    return {s: dict(ratios=dict(importlib.import_module(f"experiments.bagel_7b.{s}").get_config().data.ratios))
-            for s in BAGEL_7B_STAGES}
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

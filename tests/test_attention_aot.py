@@ -4,20 +4,18 @@ Each case runs in a subprocess with JAX_PLATFORMS unset, serialised by a file lo
 may load libtpu at a time. Compiling through Mosaic catches what interpret mode cannot: illegal block shapes,
 unsupported vector ops, VMEM overflow.
 """
-import contextlib
-import fcntl
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import pytest
 
+from bagel_jax.aot import libtpu
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOCK = os.path.join(tempfile.gettempdir(), "bagel_jax_libtpu.lock")
 
 pytestmark = [
     pytest.mark.aot,
@@ -128,21 +126,11 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-@contextlib.contextmanager
-def _libtpu_lock():
-  with open(LOCK, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def compile_case(**case):
   """Runs one AOT case in a libtpu subprocess and returns its result dict."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  with _libtpu_lock():
+  with libtpu.libtpu_lock():
     res = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(case)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1200, check=False)
   lines = [l for l in res.stdout.splitlines() if l.startswith("AOT_RESULT ")]

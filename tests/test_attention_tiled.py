@@ -87,15 +87,32 @@ def test_bfloat16_inputs():
     assert np.abs(a - b).max() <= 0.02 * max(1.0, np.abs(b).max()), name
 
 
-@pytest.mark.parametrize("block", [64, 128])
-def test_walks_exactly_the_nonempty_tiles(block):
-  """The loop's trip count is the number of non-empty tiles of the dense mask (and far below all tiles)."""
+@pytest.mark.parametrize("block,batch", [(64, 32), (128, 8)])
+def test_walks_exactly_the_nonempty_tiles(block, batch):
+  """The tile list is the non-empty tiles of the dense mask (far below all tiles), padded to whole batches;
+  the loop's trip count is the number of batches they fill."""
   meta = packed_meta(13, 1024)
-  ids, count = jax.jit(tiled._tile_list, static_argnums=(2, 3))(_as_jnp(meta), _as_jnp(meta), block, block)  # pylint: disable=protected-access
+  ids, count = jax.jit(tiled._tile_list, static_argnums=(2, 3, 4))(_as_jnp(meta), _as_jnp(meta), block, block, batch)  # pylint: disable=protected-access
   dense = bt.dense_tile_classes(meta, meta, block, block)
   nonempty = np.flatnonzero(dense.reshape(-1) != bt.EMPTY)
   assert int(count) == len(nonempty) < dense.size / 2
-  np.testing.assert_array_equal(np.asarray(ids)[:int(count)], nonempty)
+  ids = np.asarray(ids)
+  np.testing.assert_array_equal(ids[:int(count)], nonempty)
+  assert len(ids) % batch == 0 and np.all(ids[int(count):] == dense.size)  # empty slots: the fill value
+  cfg = tiled._Cfg(block, block, batch, 1.0)  # pylint: disable=protected-access
+  trips, _ = tiled._walk(cfg, 1024 // block, 1024 // block, _as_jnp(meta), _as_jnp(meta))  # pylint: disable=protected-access
+  assert int(trips) == -(-len(nonempty) // batch)
+
+
+def test_empty_slots_never_overwrite_block_zero():
+  """A batch whose live tiles include q-block 0 and which ends in empty slots (those point at block 0 too):
+  the forward must not let the empty run's merge overwrite block 0's (regression: outputs of the first
+  q-block were lost when the tile count was not a multiple of the batch)."""
+  meta = _as_jnp(packed_meta(0, 384, batch_size=2, empty_rows=(1,)))
+  q, k, v, ct = _qkv(0, 2, 384, 384, 2, 2, 16)
+  for batch in (5, 7, 32):
+    out = tiled.tiled_attention(q, k, v, meta, meta, block_q=64, block_kv=64, batch=batch)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(reference_attention(q, k, v, meta, meta)), atol=TOL)
 
 
 def test_registry_and_auto_on_cpu():

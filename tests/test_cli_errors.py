@@ -122,13 +122,13 @@ def test_cpu_default_only_without_accelerators_and_never_over_a_user_choice(tmp_
 def test_cli_on_a_cpu_only_machine_prints_no_tpu_runtime_noise():
   """The CLI entry with JAX_PLATFORMS unset (as a user runs it) must pick the CPU without libtpu's errors.
   Held under the AOT tests' libtpu lock: without the fix this process would load libtpu."""
-  from bagel_jax.parallel import aot  # pylint: disable=import-outside-toplevel
+  from bagel_jax.aot import libtpu  # pylint: disable=import-outside-toplevel
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME")}
   env["PYTHONPATH"] = REPO
   code = ("import sys; from bagel_jax.train import cli; sys.argv = ['bagel-train', '--help']\n"
           "try:\n  cli.main()\nexcept SystemExit:\n  pass\n"
           "import jax; print('backend', jax.default_backend(), jax.devices()[0].platform)")
-  with aot.libtpu_lock():
+  with libtpu.libtpu_lock():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "backend cpu cpu" in r.stdout

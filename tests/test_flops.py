@@ -46,7 +46,5 @@ def test_step_flops_hand_count_on_the_tiny_preset():
 
 
 def test_mfu_uses_the_peak_table():
-  assert flops_lib.peak_flops("TPU v5p") == 459e12 and flops_lib.peak_flops("TPU v5 lite") == 197e12
-  assert flops_lib.peak_flops("TPU v6 lite") == 918e12 and flops_lib.peak_flops("cpu") == 0.0
   assert flops_lib.mfu(459e12 * 4 * 0.5, 1.0, 4, "TPU v5p") == pytest.approx(0.5)
   assert np.isnan(flops_lib.mfu(1e12, 1.0, 1, "cpu"))

@@ -14,7 +14,7 @@ from bagel_jax.data import synthetic
 from bagel_jax.data.samples import GEN_KINDS
 
 SOURCE_TYPES = ("synthetic", "tfds", "jsonl", "parquet", "tar")
-# Table 3 data categories (a recipe's `config.data.ratios`, experiments/bagel_7b/) and the synthetic task of each.
+# Table 3 data categories (a recipe's `config.stage_mix.ratios`, experiments/bagel_7b/) and the synthetic task of each.
 SYNTHETIC_CATEGORY = {"text": "text", "t2i": "t2i", "words": "t2i", "think_t2i": "t2i", "caption": "i2t",
                       "vqa": "i2t", "think_vqa": "interleaved_und", "video": "video", "next_frame": "video",
                       "edit": "web"}
@@ -143,8 +143,8 @@ class DataConfig:
     (SourceConfig fields) or strings (`source_from_string`: 'PATH' or 'TYPE:PATH', what
     `--config.data.sources=...` takes on the command line). `source` (the trainer's selector) is ignored;
     `source='synthetic'` without `sources` gives the built-in synthetic tasks: `synthetic_mixture()`, or with
-    `ratios` (a recipe's Table 3 category ratios) `synthetic_stage_mixture(ratios)`. With `sources`, `ratios`
-    only records the recipe's mix (the AOT report's representative rows read it)."""
+    `ratios` (a stage's Table 3 category ratios, the tiny recipes' `stage_mix.ratios`)
+    `synthetic_stage_mixture(ratios)`. With `sources`, `ratios` is not used."""
     d = dict(c.to_dict() if hasattr(c, "to_dict") else c)
     selector = d.pop("source", None)
     ratios = d.pop("ratios", None)

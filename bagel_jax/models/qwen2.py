@@ -218,7 +218,7 @@ class Qwen2LM(nn.Module):
       # DecoderLayer already has the (carry, *broadcast) -> (carry, per-layer aux) form nn.scan wants.
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast,) * 4, length=lc.num_layers,
+          in_axes=(nn.broadcast,) * 4, length=lc.num_layers, unroll=min(c.scan_unroll, lc.num_layers),
           metadata_params={nn.PARTITION_NAME: "layers"})(c)
     else:
       self.layers = [block(c, name=f"layers_{i}") for i in range(lc.num_layers)]

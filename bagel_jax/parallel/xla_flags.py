@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from typing import Dict
 
+from bagel_jax.parallel.topology import generation
+
 _OVERLAP = {
     "xla_tpu_enable_async_collective_fusion": "true",
     "xla_tpu_enable_async_collective_fusion_fuse_all_gather": "true",
@@ -28,17 +30,6 @@ FLAGS: Dict[str, Dict[str, str]] = {
     "v5p": dict(_OVERLAP, xla_tpu_scoped_vmem_limit_kib="65536"),
     "v6e": dict(_OVERLAP, xla_tpu_scoped_vmem_limit_kib="65536"),
 }
-
-
-def generation(topology: str) -> str:
-  """'v5p-256' / 'v5p:4x4x4' / 'v5litepod-16' -> 'v5p' / 'v5e'."""
-  t = topology.lower().replace("litepod", "e").replace("v5lite", "v5e")
-  for g in ("v5p", "v5e", "v6e", "v4"):
-    if t.startswith(g):
-      return g
-  if t.startswith("v5:") or t.startswith("v5-"):
-    return "v5p"
-  raise ValueError(f"unknown TPU generation in topology {topology!r}; known: {sorted(FLAGS)}")
 
 
 def compiler_options(topology: str) -> Dict[str, str]:

@@ -39,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.topology = ""  # TPU slice the config is sized for (AOT and launch scripts); "" = whatever devices exist
   c.model = ml_collections.ConfigDict(dict(
       preset="tiny", variant="mot", dtype="float32", param_dtype="float32", attention_impl="auto",
-      remat_policy="none", scan_layers=True, routing="capacity", ce_chunk_size=0, freeze_und=False,
+      remat_policy="none", scan_layers=True, scan_unroll=1, routing="capacity", ce_chunk_size=0, freeze_und=False,
       copy_init_moe=True, max_latent_size=0, vit_layers=0,
       llm_overrides=ml_collections.ConfigDict()))  # e.g. {num_layers: 2}: AOT extrapolation, small ablations
   # init.vae: "random" (real runs load the FLUX AE via `init.checkpoint`), "synthetic" (the tiny AE of
@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
       ce_capacity=0, vae_image_capacity=0, vae_image_size=0))
   # data.sources: a tuple (not a list) so `--config.data.sources=...` can override it from the command line
   c.data = ml_collections.ConfigDict(dict(source="random", seed=0, sources=()))
+  # The stage's data-kind ratios (Table 3, set by the recipe): what the AOT tool's representative rows are drawn
+  # from, and what the tiny recipes weight the built-in synthetic tasks by. The training data itself is `data`.
+  c.stage_mix = ml_collections.ConfigDict(dict(ratios=ml_collections.ConfigDict(
+      dict(text=0.0, t2i=0.0, i2t=0.0, interleaved_und=0.0, video=0.0, web=0.0))))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, schedule="constant", warmup_steps=0, min_lr=1e-7, total_steps=1000, b1=0.9, b2=0.95, eps=1e-15,
       weight_decay=0.0, clip_norm=1.0, grad_accum=1, trainable=".*", frozen="vae/.*", ema_decay=0.0))
@@ -110,7 +114,7 @@ def model_config(config) -> config_lib.BagelConfig:
   m = config.model
   kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl,
             remat_policy=m.remat_policy, scan_layers=m.scan_layers, routing=m.routing,
-            ce_chunk_size=m.ce_chunk_size, freeze_und=m.freeze_und)
+            ce_chunk_size=m.ce_chunk_size, freeze_und=m.freeze_und, scan_unroll=m.get("scan_unroll", 1))
   cfg = config_lib.get_preset(m.preset, m.variant, **kw)
   if m.get("max_latent_size", 0):
     cfg = cfg.replace(max_latent_size=int(m.max_latent_size))

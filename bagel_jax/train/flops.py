@@ -23,23 +23,7 @@ from bagel_jax.batch import PAD
 from bagel_jax.kernels.mask import NOISE
 from bagel_jax.models import variants
 from bagel_jax.models.config import BagelConfig
-
-# Dense bf16 peak FLOP/s per device (Google Cloud / NVIDIA spec sheets; reference §6.4, guide C1).
-PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12, "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-    "NVIDIA H800": 989e12, "NVIDIA A100": 312e12,
-}
-
-
-def peak_flops(device_kind: str) -> float:
-  """Peak of the longest matching device-kind prefix; 0.0 when unknown (CPU: MFU is not reported)."""
-  best = ""
-  for k in PEAK_FLOPS:
-    if device_kind.startswith(k) and len(k) > len(best):
-      best = k
-  return PEAK_FLOPS.get(best, 0.0)
-
+from bagel_jax.parallel.topology import peak_flops
 
 def allowed_pairs_per_row(document: np.ndarray, split: np.ndarray, mode: np.ndarray) -> np.ndarray:
   """Exact number of allowed (q, k) pairs of the generalized causal mask per row, in O(L).
@@ -70,14 +54,14 @@ def allowed_pairs_per_row(document: np.ndarray, split: np.ndarray, mode: np.ndar
   return out
 
 
-def _llm_layer_params(cfg: BagelConfig) -> float:
+def llm_layer_params(cfg: BagelConfig) -> float:
   lc = cfg.llm
   attn = lc.hidden_size * (lc.num_heads + 2 * lc.num_kv_heads) * lc.head_dim + lc.num_heads * lc.head_dim * lc.hidden_size
   mlp = variants.get(lc.layer_variant).mlp_params(lc)  # the variant's active FFN per token
   return float(attn + mlp)
 
 
-def _vit_layer_params(cfg: BagelConfig) -> float:
+def vit_layer_params(cfg: BagelConfig) -> float:
   v = cfg.vit
   return float(4 * v.hidden_size * v.hidden_size + 2 * v.hidden_size * v.intermediate_size)
 
@@ -116,7 +100,7 @@ def step_flops(batch: Mapping[str, np.ndarray], cfg: BagelConfig) -> Dict[str, f
                                       np.asarray(batch["split_mode"])).sum())
   d = lc.hidden_size
   out = {
-      "llm_matmul": 3 * 2 * _llm_layer_params(cfg) * lc.num_layers * n_tok,
+      "llm_matmul": 3 * 2 * llm_layer_params(cfg) * lc.num_layers * n_tok,
       "llm_attention": 3 * 4 * lc.num_heads * lc.head_dim * pairs * lc.num_layers,
       "lm_head": 3 * 2 * d * lc.vocab_size * n_ce,
       "latent_io": 3 * 2 * (2 * cfg.latent_channels * d + 256 * d + d * d) * n_lat,
@@ -126,7 +110,7 @@ def step_flops(batch: Mapping[str, np.ndarray], cfg: BagelConfig) -> Dict[str, f
   for r in range(vit_img.shape[0]):
     _, counts = np.unique(vit_img[r][vit_img[r] > 0], return_counts=True)
     vit_pairs += float(np.sum(counts.astype(np.float64) ** 2))
-  out["vit"] = 3 * (2 * _vit_layer_params(cfg) * n_vit + 4 * v.hidden_size * vit_pairs) * v.num_layers
+  out["vit"] = 3 * (2 * vit_layer_params(cfg) * n_vit + 4 * v.hidden_size * vit_pairs) * v.num_layers
   out["connector"] = 3 * 2 * (v.hidden_size * d + d * d) * n_vit
   if "vae_pixels" in batch:
     px = np.asarray(batch["vae_pixels"])

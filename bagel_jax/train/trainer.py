@@ -47,10 +47,6 @@ class NonFiniteLossError(TrainingFault):
   finiteness check, so the newest one is the last good one."""
 
 
-# The typed boundary lives in train/config.py; bagel_jax/parallel/aot.py (moving to bagel_jax/aot/ on the tpu
-# branch) still reads these two names from here.
-build_model_config = train_config.model_config
-build_batch_spec = train_config.batch_spec
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ layer variants have equal active FLOPs per token (hard routing sends each token 
 """
 from bagel_jax.models.config import LAYER_VARIANTS
 from experiments import common
+from experiments.bagel_7b import pretrain
 
 # Paper hyper-parameters at 1.5B (PT recipe, 10K steps) and their tiny-scale equivalents.
 SIZES = {
@@ -36,6 +37,7 @@ def ablation_config(name: str, arg, *, variant: str = "mot", gen_und: float = 4.
   c.optim.schedule = "constant"
   c.optim.trainable = ".*"
   c.loss.timestep_shift = 1.0
+  c.stage_mix.ratios.update(dict(pretrain.get_config().stage_mix.ratios))
   c.train.steps = c.optim.total_steps = arg.steps or size["steps"]
   if arg.size == "tiny":
     common.tiny_cpu(c, variant=arg.variant, gen_und=arg.gen_und, batch_size=size["batch"], seq_len=size["seq"])

@@ -6,6 +6,7 @@ model=tiny or runlocal (the CPU recipe), steps, attention, remat (a `models.laye
 offload_layer_inputs on 32 GiB chips, nothing_saveable otherwise),
 tokens (tokens per row; default the top of the stage's packing window)."""
 from bagel_jax.models.config import LAYER_VARIANTS
+from bagel_jax.parallel import topology as topology_lib
 from experiments import common
 
 MODELS = ("7b", "tiny")  # model=tiny (or runlocal): the same recipe at CPU scale
@@ -24,15 +25,17 @@ def sized(c, arg, *, tokens: int):
     c.train.steps = c.optim.total_steps = arg.steps
   if arg.runlocal or arg.model == "tiny":
     # The same recipe at CPU scale on the built-in synthetic data, weighted by the stage's category ratios.
-    common.tiny_cpu(c, variant=arg.variant, ratios=dict(c.data.ratios))
+    common.tiny_cpu(c, variant=arg.variant, ratios=dict(c.stage_mix.ratios))
     c.train.steps = c.optim.total_steps = arg.steps or 300
     c.optim.warmup_steps = min(c.optim.warmup_steps, c.train.steps // 10)
     c.optim.lr = max(c.optim.lr, 1e-3)  # tiny models take a larger step than 7B
     if c.optim.ema_decay:
       c.optim.ema_decay = 0.99  # an EMA horizon of ~100 steps suits runs of a few hundred steps
     return c
-  # 32 GiB chips (v5e, v6e) need the layer inputs in host memory to keep 15% HBM headroom (docs/tpu_aot.md).
-  remat = arg.remat or ("offload_layer_inputs" if arg.topology.startswith(("v5e", "v6e")) else "nothing_saveable")
+  # v5e and v6e (16/32 GiB) need the layer inputs in host memory to keep 15% HBM headroom (docs/tpu_aot.md);
+  # v5p's 95 GiB keeps them.
+  offload = topology_lib.chip(arg.topology).generation in ("v5e", "v6e")
+  remat = arg.remat or ("offload_layer_inputs" if offload else "nothing_saveable")
   c.model.update(dict(preset="bagel_7b", variant=arg.variant, dtype="bfloat16", attention_impl=arg.attention,
                       remat_policy=remat, ce_chunk_size=4096))
   common.seven_b_batch(c, arg.tokens or tokens)

@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.loss.mse_weight = 0.0
   c.loss.timestep_shift = 1.0
   # data: the sampling ratio of each category (the sources come from --config.data.sources)
-  c.data.ratios = common.ml_collections.ConfigDict(dict(
+  c.stage_mix.ratios.update(dict(
       text=0.0, t2i=0.0, i2t=1.0, interleaved_und=0.0, video=0.0, web=0.0))
   # no generation images: MSE weight 0 and no t2i/video/web data
   c.data.und_size = (378, 378)  # understanding (ViT) images

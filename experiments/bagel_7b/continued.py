@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.loss.mse_weight = 1.0
   c.loss.timestep_shift = 4.0
   # data: the sampling ratio of each category (the sources come from --config.data.sources)
-  c.data.ratios = common.ml_collections.ConfigDict(dict(
+  c.stage_mix.ratios.update(dict(
       text=0.05, t2i=0.4, i2t=0.1, interleaved_und=0.15, video=0.15, web=0.15))
   c.data.gen_size = (512, 1024)  # generation (VAE) images: (min short edge, max long edge) px
   c.data.und_size = (378, 980)  # understanding (ViT) images

@@ -19,6 +19,7 @@ def get_config(arg=None):
   c.stage = recipe.stage
   c.optim.update(dict(schedule=recipe.optim.schedule, trainable=recipe.optim.trainable))
   c.loss.update(recipe.loss.to_dict())
+  c.stage_mix.ratios.update(dict(recipe.stage_mix.ratios))
   c.train.steps = c.optim.total_steps = arg.steps
   c.model.preset = "tiny"
   c.model.variant = arg.variant

@@ -189,10 +189,10 @@ def test_collectives_read_from_tpu_hlo_per_execution():
 
 
 def test_representative_row_follows_the_stage_mix():
-  from bagel_jax.train import trainer
+  from bagel_jax.train import config as train_config
   from experiments.bagel_7b import pretrain
   config = pretrain.get_config("variant=mot,topology=v5p-256")
-  model_cfg = trainer.build_model_config(config)
+  model_cfg = train_config.model_config(config)
   row = rows_lib.representative_row(config, model_cfg)
   assert row["document"].shape == (1, config.batch.seq_len)
   assert (row["document"] > 0).mean() > 0.9  # packed nearly full

@@ -13,7 +13,7 @@ from bagel_jax.data.sequence import (LayoutConfig, Text, VaeImage, VideoGroup, V
                                      layout_sample)
 from bagel_jax.kernels import block_tables as bt
 from bagel_jax.kernels import mask as mask_lib
-from bagel_jax.train.trainer import build_batch_spec
+from bagel_jax.train.config import batch_spec
 
 
 def stage_ratios(config) -> Dict[str, float]:
@@ -21,8 +21,8 @@ def stage_ratios(config) -> Dict[str, float]:
   mix = config.get("stage_mix", None)
   ratios = {k: float(v) for k, v in dict(mix.ratios).items() if v > 0} if mix is not None else {}
   if not ratios:
-    raise ValueError("config.stage_mix.ratios: no data kind has a positive ratio (the recipe's stage sets them, "
-                     "experiments/common.apply_stage)")
+    raise ValueError("config.stage_mix.ratios: no data kind has a positive ratio (each recipe sets its stage's "
+                     "Table 3 ratios, experiments/bagel_7b/)")
   return ratios
 
 
@@ -31,7 +31,7 @@ def representative_row(config, model_cfg, ratios: Optional[Mapping[str, float]] 
   """One row of `config.batch` capacities filled greedily with samples of each data kind in proportion to the
   stage ratios (caption 64 tokens, generation images of `gen_px`, understanding images of `und_px`, 4-frame
   video groups at half resolution, web documents with two images)."""
-  spec = build_batch_spec(config, model_cfg, batch_size=1)
+  spec = batch_spec(config, model_cfg, batch_size=1)
   if spec.pixel_mode:  # rows laid out with latents: the same tokens (the frozen VAE encoder is not counted)
     spec = dataclasses.replace(spec, vae_image_capacity=0, vae_image_size=0)
   layout = LayoutConfig.from_model_config(model_cfg)

@@ -34,7 +34,7 @@ def sized(c, arg, *, tokens: int):
     return c
   # v5e and v6e (16/32 GiB) need the layer inputs in host memory to keep 15% HBM headroom (docs/tpu_aot.md);
   # v5p's 95 GiB keeps them.
-  offload = topology_lib.chip(arg.topology).generation in ("v5e", "v6e")
+  offload = topology_lib.generation(arg.topology) in ("v5e", "v6e")
   remat = arg.remat or ("offload_layer_inputs" if offload else "nothing_saveable")
   c.model.update(dict(preset="bagel_7b", variant=arg.variant, dtype="bfloat16", attention_impl=arg.attention,
                       remat_policy=remat, ce_chunk_size=4096))

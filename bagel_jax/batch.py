@@ -66,6 +66,17 @@ class BatchSpec:
         raise ValueError(f"BatchSpec.vae_image_size={self.vae_image_size} must be a positive multiple of "
                          f"latent_downsample={self.latent_downsample}")
 
+  @classmethod
+  def for_model(cls, model, *, batch_size: int, seq_len: int, vit_capacity: int, latent_capacity: int,
+                image_capacity: int, und_capacity: Optional[int] = None, ce_capacity: Optional[int] = None,
+                vae_image_capacity: int = 0, vae_image_size: int = 0) -> "BatchSpec":
+    """The spec of a model (a `BagelConfig`): capacities as given, the per-token widths from the model (ViT
+    patch, latent token, pixels per latent token). The one way a spec is built from a model config."""
+    return cls(batch_size=batch_size, seq_len=seq_len, vit_capacity=vit_capacity, latent_capacity=latent_capacity,
+               image_capacity=image_capacity, vit_patch_dim=model.vit.patch_dim, latent_dim=model.latent_channels,
+               und_capacity=und_capacity, ce_capacity=ce_capacity, vae_image_capacity=vae_image_capacity,
+               vae_image_size=vae_image_size, latent_downsample=model.latent_downsample)
+
   @property
   def nu(self) -> int:
     return self.und_capacity or self.seq_len

@@ -14,6 +14,7 @@ from typing import Any, Optional, Tuple
 import orbax.checkpoint as ocp
 
 from bagel_jax.models import config as config_lib
+from bagel_jax.models.bagel import abstract_params
 
 MODEL_CONFIG = "model_config.json"
 
@@ -86,7 +87,6 @@ def load_params(directory: str, config: Optional[config_lib.BagelConfig] = None,
     if step is None:
       raise FileNotFoundError(f"no checkpoint steps under {directory}")
     if abstract is None:
-      from bagel_jax.models.bagel import abstract_params  # pylint: disable=import-outside-toplevel
       abstract = abstract_params(config or saved)
     restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
   return restored[item], (config or saved), step

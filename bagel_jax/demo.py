@@ -17,6 +17,10 @@ import time
 
 from bagel_jax.accelerators import use_cpu_if_no_accelerator
 
+# The experiment file (installed beside the package; the package itself never imports experiments/).
+PRETRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "bagel_7b",
+                        "pretrain.py")
+
 
 def main(argv=None):
   use_cpu_if_no_accelerator()  # before JAX picks a backend: no libtpu noise on CPU-only machines
@@ -30,10 +34,10 @@ def main(argv=None):
 
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)
-  from bagel_jax.train import trainer  # pylint: disable=import-outside-toplevel
-  from experiments.bagel_7b import pretrain  # pylint: disable=import-outside-toplevel
+  # after use_cpu_if_no_accelerator: importing JAX earlier would pick the backend first
+  from bagel_jax.train import config as train_config, trainer  # pylint: disable=import-outside-toplevel
 
-  config = pretrain.get_config(f"model=tiny,variant={args.variant},steps={args.steps}")
+  config = train_config.load_config(f"{PRETRAIN}:model=tiny,variant={args.variant},steps={args.steps}")
   config.train.checkpoint_every = max(50, args.steps // 4)
   config.train.keep_checkpoints = 5
   workdir = os.path.abspath(args.workdir)
@@ -44,7 +48,7 @@ def main(argv=None):
   print(f"  metrics: {workdir}/metrics.csv  curves: {workdir}/loss_curves.png  checkpoints: {workdir}/checkpoints")
   if args.skip_eval:
     return
-  from bagel_jax.eval import run as eval_run  # pylint: disable=import-outside-toplevel
+  from bagel_jax.eval import run as eval_run  # pylint: disable=import-outside-toplevel  (after the JAX backend choice)
   t0 = time.time()
   scores = eval_run.evaluate(workdir, os.path.join(workdir, "eval"), num_samples=args.eval_samples)
   print(f"evaluation: {time.time() - t0:.0f}s")

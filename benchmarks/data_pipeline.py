@@ -41,7 +41,7 @@ def spec_for(seq_len: int, batch_size: int):
 
 def measure(dc, spec, batches: int, warmup: int = 2):
   from bagel_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from bagel_jax.data.sequence import LayoutConfig  # pylint: disable=import-outside-toplevel
+  from bagel_jax.layout import LayoutConfig  # pylint: disable=import-outside-toplevel
   from bagel_jax.models.config import tiny  # pylint: disable=import-outside-toplevel
   t_start = time.perf_counter()
   it = pipeline.make_pipeline(dc, spec, LayoutConfig.from_model_config(tiny()), seed=0)
@@ -69,7 +69,7 @@ def train_tokens_per_s(spec, steps: int):
   import optax  # pylint: disable=import-outside-toplevel
   from bagel_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from bagel_jax.data.config import synthetic_mixture  # pylint: disable=import-outside-toplevel
-  from bagel_jax.data.sequence import LayoutConfig  # pylint: disable=import-outside-toplevel
+  from bagel_jax.layout import LayoutConfig  # pylint: disable=import-outside-toplevel
   from bagel_jax.models import bagel  # pylint: disable=import-outside-toplevel
   from bagel_jax.models.config import tiny  # pylint: disable=import-outside-toplevel
   cfg = tiny()

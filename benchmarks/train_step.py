@@ -54,8 +54,8 @@ def official_small_row(c, seed: int = 0):
   answer 82 with CE] + [text 128 with CE] = 2,048 tokens, 451 CE and 1,024 MSE tokens; every capacity exact."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from bagel_jax.data import examples  # pylint: disable=import-outside-toplevel
-  from bagel_jax.data.sequence import (LayoutConfig, Text, VaeImage, VitImage, assemble_batch,  # pylint: disable=import-outside-toplevel
-                                       layout_sample)
+  from bagel_jax.data.sequence import Text, VaeImage, VitImage, assemble_batch, layout_sample  # pylint: disable=import-outside-toplevel
+  from bagel_jax.layout import LayoutConfig  # pylint: disable=import-outside-toplevel
   r = np.random.default_rng(seed)
   ids = lambda n: r.integers(5, c.llm.vocab_size, n).tolist()
   samples = [[Text(ids(40)), VaeImage((16, 16), latents=r.normal(size=(256, c.latent_channels)).astype(np.float32),

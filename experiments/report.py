@@ -14,6 +14,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from bagel_jax import plots
+
 METRICS = ("ce", "mse")
 FINAL_FRACTION = 0.2  # "final value" = mean over the last 20 % of steps (the paper's inset window)
 
@@ -68,11 +70,8 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> Dict[str, float]:
 
 def plot(groups: Mapping[str, Sequence[Mapping[str, np.ndarray]]], out_png: str, title: str) -> str:
   """One panel per metric: mean over seeds with a min–max band, and an inset zoomed on the last 20 %."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, len(METRICS), figsize=(6.2 * len(METRICS), 4.2), squeeze=False)
-  for ax, key in zip(axes[0], METRICS):
+
+  def draw(ax, key):
     inset = ax.inset_axes([0.45, 0.45, 0.52, 0.5])
     lo_all, hi_all, x0 = [], [], None
     for label, runs in groups.items():
@@ -97,11 +96,8 @@ def plot(groups: Mapping[str, Sequence[Mapping[str, np.ndarray]]], out_png: str,
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=120)
-  plt.close(fig)
-  return out_png
+
+  return plots.panels(METRICS, out_png, draw, width=6.2, height=4.2, title=title, dpi=120)
 
 
 def write_curves_csv(groups, out_csv: str) -> str:

@@ -15,7 +15,6 @@ REPORT.md); run workdirs to --workdir-root (default workdirs/<experiment>).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import os
@@ -32,12 +31,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(path: str, arg: str):
-  spec = importlib.util.spec_from_file_location(f"_exp_{abs(hash(path))}", path)
-  if spec is None or spec.loader is None:
-    raise ValueError(f"--configs: cannot load {path!r}")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """The experiment file at `path` with its arg, loaded as `bagel-train --config` loads it."""
+  # imported here, after main() chose the JAX platform (use_cpu_if_no_accelerator): the loader imports JAX
+  from bagel_jax.train import config as train_config  # pylint: disable=import-outside-toplevel
+  return train_config.load_config(f"{path}:{arg}" if arg else path)
 
 
 def parse_grid(items: Sequence[str]) -> List[Tuple[str, List[str]]]:

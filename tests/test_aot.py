@@ -191,10 +191,10 @@ def test_collectives_read_from_tpu_hlo_per_execution():
 def test_representative_rows_follow_the_stage_mix():
   """The 7B PT rows the AOT report counts model FLOPs on: packed by the real packer from the PT mix, sparse
   in tiles (most of the [L, L] tile grid is empty)."""
-  from bagel_jax.train import trainer
+  from bagel_jax.train import config as train_config
   from experiments.bagel_7b import pretrain
   config = pretrain.get_config("variant=mot,topology=v5p-256")
-  model_cfg = trainer.build_model_config(config)
+  model_cfg = train_config.model_config(config)
   rows = rows_lib.representative_rows(config, model_cfg, 4)
   assert rows["document"].shape == (4, config.batch.seq_len)
   assert (rows["latent_image"] > 0).sum() > 0 and (rows["vit_image"] > 0).sum() > 0

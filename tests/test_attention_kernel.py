@@ -3,6 +3,9 @@
 Packed rows come from a seeded generator that draws interleaved samples of every kind and lays them out with
 the project's own rules (`bagel_jax.data.sequence`), mixing short samples (many documents per block) with
 long ones (documents and image splits spanning several blocks, so full tiles occur), plus trailing padding.
+
+Size (over 400 lines: the kernel's whole contract in one place: forward, gradients, the cached variant, bad
+input, the registry and the mesh wrapper share the packed-row generator and tolerances above).
 """
 import functools
 import os
@@ -20,7 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 from bagel_jax import batch as batch_lib
 from bagel_jax.data import examples
-from bagel_jax.data.sequence import LayoutConfig, VideoGroup, assemble_batch, fits, layout_sample
+from bagel_jax.data.sequence import VideoGroup, assemble_batch, fits, layout_sample
+from bagel_jax.layout import LayoutConfig
 from bagel_jax.kernels import attention as attention_lib
 from bagel_jax.kernels import block_tables as bt
 from bagel_jax.kernels import mask as mask_lib
@@ -345,7 +349,7 @@ def test_registered_implementations():
   out = attention_lib.attention(q, k, v, meta, meta, impl="pallas_interpret", scale=0.3)
   np.testing.assert_allclose(np.asarray(out), np.asarray(reference_attention(q, k, v, meta, meta, scale=0.3)),
                              atol=TOL)
-  assert attention_lib._IMPLS["pallas"] is ops.pallas_attention  # pylint: disable=protected-access
+  assert attention_lib.implementation("pallas") is ops.pallas_attention
   # "auto" resolves per lowering platform: `tiled` here on CPU (the kernel for TPU: test_attention_aot)
   auto = jax.jit(lambda q, k, v: attention_lib.attention(q, k, v, meta, meta, impl="auto", scale=0.3))(q, k, v)
   np.testing.assert_allclose(np.asarray(auto), np.asarray(reference_attention(q, k, v, meta, meta, scale=0.3)),

@@ -9,7 +9,8 @@ import pytest
 
 from bagel_jax import batch as batch_lib
 from bagel_jax.data.examples import batch_spec_for, hand_written_batch, random_batch
-from bagel_jax.data.sequence import LayoutConfig, Text, assemble_batch, layout_sample
+from bagel_jax.data.sequence import Text, assemble_batch, layout_sample
+from bagel_jax.layout import LayoutConfig
 from bagel_jax.models import bagel as bagel_lib
 from bagel_jax.models import config as config_lib
 from bagel_jax.models.qwen2 import Qwen2LM

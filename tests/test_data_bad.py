@@ -14,7 +14,7 @@ from bagel_jax import batch as batch_lib
 from bagel_jax.data import pipeline, synthetic
 from bagel_jax.data.config import DataConfig, SourceConfig
 from bagel_jax.data.examples import batch_spec_for
-from bagel_jax.data.sequence import LayoutConfig
+from bagel_jax.layout import LayoutConfig
 from bagel_jax.models.config import tiny
 
 CFG = tiny()

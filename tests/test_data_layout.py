@@ -10,8 +10,9 @@ from bagel_jax.batch import PAD, TEXT, VAE, VIT
 from bagel_jax.data import pipeline, samples, synthetic
 from bagel_jax.data.config import synthetic_mixture
 from bagel_jax.data.examples import batch_spec_for
-from bagel_jax.data.sequence import (Dropped, LayoutConfig, Text, VaeImage, VitImage, apply_cfg_dropout,
-                                     assemble_batch, layout_sample)
+from bagel_jax.data.sequence import (Dropped, Text, VaeImage, VitImage, apply_cfg_dropout, assemble_batch,
+                                     layout_sample)
+from bagel_jax.layout import LayoutConfig
 from bagel_jax.data.tokenizer import WordTokenizer
 from bagel_jax.kernels.mask import CAUSAL, FULL, NOISE
 from bagel_jax.models.config import tiny

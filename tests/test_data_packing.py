@@ -6,10 +6,11 @@ import pytest
 import grain
 from bagel_jax import batch as batch_lib
 from bagel_jax.batch import PAD, TEXT
-from bagel_jax.data import pipeline
+from bagel_jax.data import packing, pipeline
 from bagel_jax.data.config import DataConfig, SourceConfig, synthetic_mixture
 from bagel_jax.data.examples import batch_spec_for
-from bagel_jax.data.sequence import LayoutConfig, Text, layout_sample
+from bagel_jax.data.sequence import Text, layout_sample
+from bagel_jax.layout import LayoutConfig
 from bagel_jax.data.sources import Skipped
 from bagel_jax.kernels.mask import CAUSAL
 from bagel_jax.models.config import tiny
@@ -101,11 +102,11 @@ def test_fill_ratio_t2i_vqa_edit_at_1024():
 
 def _prepared(n_tokens, kind="text"):
   lay = layout_sample([Text([7] * (n_tokens - 2), loss=True)], LAYOUT)
-  return pipeline.Prepared(lay, kind, "hand", pipeline.sample_needs(lay))
+  return packing.Prepared(lay, kind, "hand", packing.sample_needs(lay))
 
 
 def _pack(items, sp, max_buffer=4):
-  return pipeline.PackBatches.from_samples(grain.MapDataset.source(items), sp, LAYOUT, max_buffer)
+  return packing.PackBatches.from_samples(grain.MapDataset.source(items), sp, LAYOUT, max_buffer)
 
 
 def test_packer_best_fit_buffer_and_too_long():
@@ -187,6 +188,6 @@ def test_source_config_errors_name_the_field():
   with pytest.raises(ValueError, match="vae_image_size"):
     pipeline.make_pipeline(synthetic_mixture(image_size=64), spec(), LAYOUT)
   with pytest.raises(ValueError, match="special ids"):
-    from bagel_jax.data.sequence import SpecialTokens
+    from bagel_jax.layout import SpecialTokens
     pipeline.make_pipeline(synthetic_mixture(), spec(), LayoutConfig(SpecialTokens(151644, 151645, 151652, 151653),
                                                                      8, 16))

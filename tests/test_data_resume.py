@@ -25,7 +25,7 @@ if args["procs"] > 1:
 from bagel_jax.data import pipeline
 from bagel_jax.data.config import synthetic_mixture
 from bagel_jax.data.examples import batch_spec_for
-from bagel_jax.data.sequence import LayoutConfig
+from bagel_jax.layout import LayoutConfig
 from bagel_jax.models.config import tiny
 
 def digest(b):
@@ -60,7 +60,8 @@ if __name__ == "__main__":
   if args["procs"] > 1:
     from jax.sharding import Mesh
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    g = pipeline.make_global_batch(locals_[0], mesh)
+    from bagel_jax.train.inputs import to_global
+    g = to_global(locals_[0], mesh)
     shard = g["text_ids"].addressable_shards[0]
     out["global_shape"] = list(g["text_ids"].shape)
     out["shard_rows"] = [shard.index[0].start, shard.index[0].stop]

@@ -11,7 +11,7 @@ from bagel_jax.data import pipeline, sources, synthetic
 from bagel_jax.data.config import (DataConfig, SourceConfig, stage_weights, synthetic_mixture,
                                    synthetic_stage_mixture)
 from bagel_jax.data.examples import batch_spec_for
-from bagel_jax.data.sequence import LayoutConfig
+from bagel_jax.layout import LayoutConfig
 from bagel_jax.models.config import tiny
 
 CFG = tiny()
@@ -68,25 +68,25 @@ def test_config_dict_roundtrip():
 
 
 def test_trainer_hooks_on_the_tiny_stage_config():
-  """experiments/bagel_7b (model=tiny) selects source 'synthetic': the trainer's validate_config and make_input
-  go through `pipeline.max_sample_requirements` / `make_training_input` (pixel-mode batch)."""
+  """experiments/bagel_7b (model=tiny) selects source 'synthetic': the trainer resolves the config into typed
+  objects once and `make_input` builds the pipeline, scanning the sources first (pixel-mode batch)."""
   from experiments.bagel_7b import pretrain
-  from bagel_jax.train import inputs, trainer
+  from bagel_jax.train import config as train_config, inputs
   c = pretrain.get_config("model=tiny")
   c.batch.update(dict(vae_image_capacity=16, vae_image_size=32))
-  need = pipeline.max_sample_requirements(c, trainer.build_model_config(c))
+  run = train_config.resolve(c, n_devices=1, process_count=1)
+  need = pipeline.scan_sources(run.data, run.spec, LayoutConfig.from_model_config(run.model)).need
   assert need["tokens"] < 200 and need["latent_tokens"] == 64 and need["vae_images"] == 4  # video: 4 frames
-  trainer.validate_config(c, n_devices=1, process_count=1)
-  model_cfg = trainer.build_model_config(c)
-  spec = trainer.build_batch_spec(c, model_cfg)
-  it = inputs.make_input(c, model_cfg, spec, 0, 1)
+  spec = run.spec
+  it = inputs.make_input(run, spec, 0, 1)
   b = next(it)
   batch_lib.validate(b, spec)
   assert isinstance(it.get_state(), bytes) and "tokens_per_s" in it.stats
   it.close()
   c.batch.vae_image_capacity = 0
+  run = train_config.resolve(c, n_devices=1, process_count=1)
   with pytest.raises(ValueError, match="pixel-mode"):
-    inputs.make_input(c, model_cfg, trainer.build_batch_spec(c, model_cfg), 0, 1)
+    inputs.make_input(run, run.spec, 0, 1)
 
 
 def test_latent_mode_records_with_precomputed_latents():

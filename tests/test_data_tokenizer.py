@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from bagel_jax.data import build_vocab, synthetic, transforms as tf
-from bagel_jax.data.sequence import SpecialTokens
+from bagel_jax.layout import SpecialTokens
 from bagel_jax.data.tokenizer import HFTokenizer, WordTokenizer, load_tokenizer
 from bagel_jax.models.config import TINY_SPECIAL_IDS, tiny
 

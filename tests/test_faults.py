@@ -135,8 +135,8 @@ def test_unreadable_newest_step_is_set_aside_and_the_run_can_save_it_again(tmp_p
   assert len(aside) == 1, os.listdir(d)
   assert "could not be restored" in open(os.path.join(aside[0], "WHY.txt")).read()
   assert not os.path.exists(d / "3") and ckpt.latest_step() == 2
-  out = capsys.readouterr().out
-  assert "set aside unreadable checkpoint step 3" in out and "why:" in out and aside[0] in out
+  err = capsys.readouterr().err  # a warning (bagel_jax.console): stderr
+  assert "WARNING: set aside unreadable checkpoint step 3" in err and "why:" in err and aside[0] in err
   # the resumed run reaches step 3 again and saves it (before: StepAlreadyExistsError on every relaunch)
   it.index = 30
   assert ckpt.save(_state(3), it, force=True)

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bagel_jax.convert.common import unflatten
 from bagel_jax.convert.flux_vae import (abstract_vae_params, config_from_bfl_shapes, flux_ae_from_bfl,
                                         flux_ae_from_diffusers, flux_ae_to_bfl)
 from bagel_jax.models.config import VAEConfig
@@ -54,11 +55,7 @@ def _random_params(cfg, seed=0):
 
 
 def test_bfl_round_trip_and_names():
-  from bagel_jax.convert.common import set_path  # pylint: disable=import-outside-toplevel
-  flat = _random_params(TINY)
-  params = {}
-  for k, v in flat.items():
-    set_path(params, k, v)
+  params = unflatten(_random_params(TINY))
   bfl = flux_ae_to_bfl(params, TINY)
   assert "encoder.down.0.block.0.conv1.weight" in bfl and "decoder.up.1.upsample.conv.weight" in bfl
   assert bfl["encoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
@@ -70,11 +67,7 @@ def test_bfl_round_trip_and_names():
 
 
 def test_strictness_names_the_tensor():
-  flat = _random_params(TINY)
-  from bagel_jax.convert.common import set_path  # pylint: disable=import-outside-toplevel
-  params = {}
-  for k, v in flat.items():
-    set_path(params, k, v)
+  params = unflatten(_random_params(TINY))
   bfl = flux_ae_to_bfl(params, TINY)
   bad = dict(bfl, **{"decoder.conv_in.weight": bfl["decoder.conv_in.weight"][:, :2]})
   with pytest.raises(ValueError, match=r"decoder\.conv_in\.weight.*\(64, 2, 3, 3\).*\(64, 4, 3, 3\)"):

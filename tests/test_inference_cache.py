@@ -8,12 +8,13 @@ import pytest
 
 from bagel_jax import batch as batch_lib
 from bagel_jax.data.examples import batch_spec_for
-from bagel_jax.data.sequence import (LayoutConfig, SpecialTokens, Text, VaeImage, VitImage, assemble_batch,
-                                     layout_sample)
+from bagel_jax.data.sequence import Text, VaeImage, VitImage, assemble_batch, layout_sample
+from bagel_jax.layout import LayoutConfig, SpecialTokens
 from bagel_jax.inference import contexts as ctx_lib
 from bagel_jax.inference import decode as decode_lib
 from bagel_jax.inference import forward
 from bagel_jax.inference import model as model_lib
+from bagel_jax.kernels import attention as attention_lib
 from bagel_jax.kernels import mask as mask_lib
 from bagel_jax.models import bagel as bagel_lib
 from bagel_jax.models import config as config_lib
@@ -157,11 +158,12 @@ def test_pallas_cached_attention_matches_reference():
     q_meta = mask_lib.TokenMeta(jnp.ones((b, lq), jnp.int32), jnp.full((b, lq), 9, jnp.int32),
                                 jnp.full((b, lq), mode, jnp.int32),
                                 jnp.asarray(filled[:, None] + np.arange(lq)[None], jnp.int32))
-    ref = forward.cached_attention(q, k, v, q_meta, kc, vc, cache_meta, impl="reference", scale=0.25)
-    pal = forward.cached_attention(q, k, v, q_meta, kc, vc, cache_meta, impl="pallas_interpret", scale=0.25)
+    ref = attention_lib.attention_with_cache(q, k, v, q_meta, kc, vc, cache_meta, impl="reference", scale=0.25)
+    pal = attention_lib.attention_with_cache(q, k, v, q_meta, kc, vc, cache_meta, impl="pallas_interpret",
+                                             scale=0.25)
     np.testing.assert_allclose(np.asarray(pal), np.asarray(ref), atol=2e-5, err_msg=f"mode {mode}")
-    til = forward.cached_attention(q, k, v, q_meta, kc, vc, cache_meta, impl="tiled", scale=0.25)
+    til = attention_lib.attention_with_cache(q, k, v, q_meta, kc, vc, cache_meta, impl="tiled", scale=0.25)
     np.testing.assert_allclose(np.asarray(til), np.asarray(ref), atol=2e-6, err_msg=f"tiled, mode {mode}")
-  auto = jax.jit(lambda *a: forward.cached_attention(*a, impl="auto", scale=0.25))(q, k, v, q_meta, kc, vc,
+  auto = jax.jit(lambda *a: attention_lib.attention_with_cache(*a, impl="auto", scale=0.25))(q, k, v, q_meta, kc, vc,
                                                                                   cache_meta)
   np.testing.assert_array_equal(np.asarray(auto), np.asarray(til))  # "auto" on CPU: the tiled path

@@ -9,8 +9,8 @@ import pytest
 
 from bagel_jax import batch as batch_lib
 from bagel_jax.data.examples import batch_spec_for
-from bagel_jax.data.sequence import (LayoutConfig, SpecialTokens, Text, VaeImage, VitImage, assemble_batch,
-                                     layout_sample)
+from bagel_jax.data.sequence import Text, VaeImage, VitImage, assemble_batch, layout_sample
+from bagel_jax.layout import LayoutConfig, SpecialTokens
 from bagel_jax.inference import contexts as ctx_lib
 from bagel_jax.inference import model as model_lib
 from bagel_jax.inference import sampler as S

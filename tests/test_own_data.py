@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from bagel_jax.data import manifest, pipeline, tokenizer as tok_lib, train_tokenizer
+from bagel_jax.data import manifest, tokenizer as tok_lib, train_tokenizer
+from bagel_jax.train import config as train_config
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 220), "yellow": (230, 210, 40)}
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -105,7 +106,7 @@ def test_subword_tokenizer_trains_and_loads(tmp_path):
                         "--out", str(tmp_path / "tok.json")])
   tok = tok_lib.load_tokenizer(str(tmp_path / "tok.json"))
   assert isinstance(tok, tok_lib.HFTokenizer) and tok.vocab_size <= 300
-  from bagel_jax.data.sequence import LayoutConfig
+  from bagel_jax.layout import LayoutConfig
   from bagel_jax.models.config import tiny
   assert tok.special == LayoutConfig.from_model_config(tiny()).special  # the tiny layout's fixed ids
   caption = "a yellow digit seven"
@@ -132,10 +133,10 @@ def test_own_data_configs_parse_typed_args(tmp_path):
                  "--vqa-out", str(tmp_path / "vqa.jsonl")])
   c = _own_config(tmp_path, "t2i", f"manifest={tmp_path / 't2i.jsonl'},steps=7,image_size=32")
   assert c.train.steps == 7 and c.data.source == "pipeline" and c.init.vae == "synthetic"
-  dc = pipeline.data_config_from(c)
+  dc = train_config.data_config(c)
   assert [(s.name, s.group) for s in dc.sources] == [("t2i", "gen")]
   c = _own_config(tmp_path, "t2i_vqa", f"t2i={tmp_path / 't2i.jsonl'},vqa={tmp_path / 'vqa.jsonl'},gen_und=3")
-  w = pipeline.data_config_from(c).weights()
+  w = train_config.data_config(c).weights()
   assert w == {"t2i": 3.0, "vqa": 1.0}
   for bad, msg in ((f"manifest={tmp_path / 'nope.jsonl'}", "no such file"), ("", "manifest=PATH is required"),
                    (f"manifest={tmp_path / 't2i.jsonl'},image_size=30", "multiple of 8"),
@@ -146,14 +147,15 @@ def test_own_data_configs_parse_typed_args(tmp_path):
 
 
 def test_own_data_config_startup_report(tmp_path, capsys):
-  from bagel_jax.train import trainer
+  from bagel_jax.train import config as train_config, inputs
   make_folder(tmp_path, 12)
   manifest.main(["captions", "--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.tsv"),
                  "--out", str(tmp_path / "m.jsonl")])
   train_tokenizer.main(["--manifest", str(tmp_path / "m.jsonl"), "--vocab-size", "300",
                         "--out", str(tmp_path / "tok.json")])
   c = _own_config(tmp_path, "t2i", f"manifest={tmp_path / 'm.jsonl'},tokenizer={tmp_path / 'tok.json'}")
-  trainer.validate_config(c, 1, 1)
+  run = train_config.resolve(c, 1, 1)
+  inputs.make_input(run, run.spec, 0, 1).close()
   out = capsys.readouterr().out
   assert "t2i" in out and "12 records; first 12: 12 ok" in out
   assert f"tokenizer: HFTokenizer {tmp_path / 'tok.json'} (vocab 300" in out or "tokenizer: HFTokenizer" in out
@@ -161,17 +163,16 @@ def test_own_data_config_startup_report(tmp_path, capsys):
 
 
 def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
-  from bagel_jax.train import trainer
+  from bagel_jax.train import config as train_config, inputs
   make_folder(tmp_path, 12)
   manifest.main(["captions", "--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.tsv"),
                  "--out", str(tmp_path / "m.jsonl")])
   texts = [f"word{i} token{i * 7} other{i * 13}" for i in range(400)]
   train_tokenizer.train(texts, 1200, str(tmp_path / "big.json"), min_frequency=1)
   c = _own_config(tmp_path, "t2i", f"manifest={tmp_path / 'm.jsonl'},tokenizer={tmp_path / 'big.json'}")
-  model_cfg = trainer.build_model_config(c)
-  spec = trainer.build_batch_spec(c, model_cfg)
+  run = train_config.resolve(c, 1, 1)
   with pytest.raises(ValueError, match="more than the model's vocabulary of 512"):
-    pipeline.make_training_input(c, model_cfg, spec, 0, 1)
+    inputs.make_input(run, run.spec, 0, 1)
 
 
 

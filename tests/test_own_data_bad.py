@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bagel_jax.data import pipeline
+from bagel_jax.data import packing, pipeline
 from bagel_jax.data.config import DataConfig, SourceConfig
 from bagel_jax.data.examples import batch_spec_for
-from bagel_jax.data.sequence import LayoutConfig
+from bagel_jax.layout import LayoutConfig
 from bagel_jax.models.config import tiny
+from bagel_jax.train import config as train_config
 
 CFG = tiny()
 LAYOUT = LayoutConfig.from_model_config(CFG)
@@ -57,7 +58,7 @@ def test_all_lines_skipped_stops_with_histogram_not_a_hang(tmp_path):
                   max_tries=300)  # num_epochs=0: repeated forever
   it = pipeline.make_pipeline(dc, SPEC, LAYOUT)
   t0 = time.time()
-  with pytest.raises(pipeline.DataHealthError) as e:
+  with pytest.raises(packing.DataHealthError) as e:
     next(it)
   assert time.time() - t0 < 30
   msg = str(e.value)
@@ -78,7 +79,7 @@ def test_skip_share_over_the_limit_stops(tmp_path):
   dc = DataConfig(sources=(SourceConfig("m", "jsonl", path=str(tmp_path / "m.jsonl")),), prefetch=0,
                   max_skip_fraction=0.5, skip_check_after=100, shuffle=False)
   it = pipeline.make_pipeline(dc, SPEC, LAYOUT)
-  with pytest.raises(pipeline.DataHealthError, match=r"(?s)75% of the records were skipped.*bad_json"):
+  with pytest.raises(packing.DataHealthError, match=r"(?s)75% of the records were skipped.*bad_json"):
     for _ in range(100):
       next(it)
   # the same data under a looser limit trains (every 4th record is usable)
@@ -122,7 +123,7 @@ def test_first_skip_of_each_reason_warns_once_with_file_line(tmp_path, capsys):
   it = pipeline.make_pipeline(dc, SPEC, LAYOUT)
   list(it)
   err = capsys.readouterr().err
-  warnings = [l for l in err.splitlines() if l.startswith("WARNING data: first record skipped")]
+  warnings = [l for l in err.splitlines() if l.startswith("WARNING: data: first record skipped")]
   assert len(warnings) == 2, err  # bad_json and missing_file, once each although each recurs every epoch
   assert any("bad_json" in w and "m.jsonl:2" in w for w in warnings)
   assert any("missing_file" in w and "gone.png" in w for w in warnings)
@@ -142,35 +143,41 @@ def _config(manifest, seq_len=128):
   return c
 
 
+def _start(c):
+  """What `bagel-train` does with the data before the first step: resolve the config, open the sources once
+  (the start-up scan and its checks), build the pipeline."""
+  from bagel_jax.train import config as train_config, inputs
+  run = train_config.resolve(c, 1, 1)
+  inputs.make_input(run, run.spec, 0, 1).close()
+
+
 def test_one_overlong_record_is_a_counted_skip_not_a_refusal(tmp_path, capsys):
-  from bagel_jax.train import trainer
   _image(tmp_path / "ok.png")
   long = json.dumps(dict(kind="text", texts=[" ".join(["word"] * 400)], images=[]))
   _write_lines(tmp_path / "m.jsonl", [_good(0), long, _good(1)])
   c = _config(tmp_path / "m.jsonl")
-  need = trainer.max_sample_requirements(c, trainer.build_model_config(c))
-  assert 0 < need["tokens"] <= 128
+  _start(c)  # starts
   out = capsys.readouterr().out
   assert "mine" in out and "3 records" in out and "2 ok" in out and "too_long 1" in out and "m.jsonl:2" in out
   assert "tokenizer: WordTokenizer" in out and "<unk> rate" in out
-  trainer.validate_config(c, 1, 1)  # starts
+  run = train_config.resolve(c, 1, 1)
+  found = pipeline.scan_sources(run.data, run.spec, LayoutConfig.from_model_config(run.model))
+  assert 0 < found.need["tokens"] <= 128 and found.sources[0].skipped == {"too_long": 1}
 
 
 def test_no_record_fits_refuses_naming_it(tmp_path):
-  from bagel_jax.train import trainer
   _write_lines(tmp_path / "m.jsonl", [json.dumps(dict(kind="text", texts=[" ".join(["word"] * n)], images=[]))
                                       for n in (400, 300)])
   c = _config(tmp_path / "m.jsonl")
   with pytest.raises(ValueError, match=r"no scanned record fits one row.*m\.jsonl:2, needs tokens 3\d\d>128"):
-    trainer.validate_config(c, 1, 1)
+    _start(c)
 
 
 def test_source_with_no_usable_record_refuses_at_start(tmp_path):
-  from bagel_jax.train import trainer
   _write_lines(tmp_path / "m.jsonl", ["{bad"] * 5)
   c = _config(tmp_path / "m.jsonl")
   with pytest.raises(ValueError, match=r"(?s)no usable record.*\['mine'\].*bad_json 5.*m\.jsonl:1"):
-    trainer.validate_config(c, 1, 1)
+    _start(c)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -198,12 +205,12 @@ def test_sources_override_from_the_command_line(tmp_path, config_file):
   path = os.path.join(REPO, config_file)
   # the short form: paths (type from the extension, name from the stem, group from the first record's kind)
   c = _parse(path, f"--config.data.sources=({str(tmp_path / 'cats.jsonl')!r}, {str(tmp_path / 'qa.jsonl')!r})")
-  dc = pipeline.data_config_from(c)
+  dc = train_config.data_config(c)
   assert [(s.name, s.type, s.group) for s in dc.sources] == [("cats", "jsonl", "gen"), ("qa", "jsonl", "und")]
   # the full form: SourceConfig fields
   c = _parse(path, "--config.data.sources=[{'name': 'mine', 'type': 'jsonl', 'path': '%s', 'weight': 2.0}]"
              % (tmp_path / "cats.jsonl"))
-  dc = pipeline.data_config_from(c)
+  dc = train_config.data_config(c)
   assert [(s.name, s.weight) for s in dc.sources] == [("mine", 2.0)]
 
 

@@ -104,45 +104,45 @@ def _small_folder(tmp_path):
 
 
 def test_own_data_in_process(tmp_path, capsys):
-  """The same path in one process, small: manifest, tokenizer, the VAE recipe through `trainer.train` (2
+  """The same path in one process, small: manifest, tokenizer, the VAE recipe through `vae_recipe.train` (2
   steps, then resumed to 3), `init.vae=<that workdir>` accepted and loaded, the t2i config's start-up scan and
   one packed batch with the trained tokenizer."""
-  from bagel_jax.data import pipeline
-  from bagel_jax.train import trainer, vae_pretrain
+  from bagel_jax.train import config as train_config, inputs
+  from bagel_jax.train import vae_pretrain, vae_recipe
   from experiments.own_data import t2i, vae as vae_config
   data, arg = _small_folder(tmp_path)
   a = tmp_path / "vae"
-  trainer.train(vae_config.get_config(arg + ",steps=2"), str(a))
-  trainer.train(vae_config.get_config(arg + ",steps=3"), str(a))
+  vae_recipe.train(vae_config.get_config(arg + ",steps=2"), str(a))
+  vae_recipe.train(vae_config.get_config(arg + ",steps=3"), str(a))
   assert "vae: resumed from step 2" in capsys.readouterr().out
   _check_vae_workdir(a, 3)
   assert [r["step"] for r in map(json.loads, open(a / "metrics.jsonl"))] == [1, 2, 3]
   c = t2i.get_config(f"manifest={data / 't2i.jsonl'},steps=1,image_size=16,vae={a},"
                      f"tokenizer={data / 'tokenizer.json'},batch_size=2,seq_len=64,log_every=1")
-  trainer.validate_config(c, 1, 1)  # accepts init.vae=<path>; prints the start-up data report
+  run = train_config.resolve(c, 1, 1)  # accepts init.vae=<path>
+  it = inputs.make_input(run, run.spec, 0, 1)  # prints the start-up data report
   out = capsys.readouterr().out
   assert "24 records; first 24: 24 ok" in out and f"tokenizer: HFTokenizer {data / 'tokenizer.json'}" in out
-  model_cfg = trainer.build_model_config(c)
+  model_cfg = run.model
   vae = vae_pretrain.load_vae(str(a), model_cfg.vae)  # the latest step, log-variance pinned for the trainer
   z = model_cfg.vae.z_channels
   np.testing.assert_array_equal(np.asarray(vae["encoder"]["conv_out"]["bias"][z:]), vae_pretrain.PINNED_LOGVAR)
-  it = pipeline.make_training_input(c, model_cfg, trainer.build_batch_spec(c, model_cfg), 0, 1)
   batch = next(it)
   assert int(batch["num_documents"].sum()) > 0 and it.stats["skipped"] == 0
   it.close()
   c.init.vae = str(tmp_path / "nope")
   with pytest.raises(ValueError, match="init.vae=.*nope.*not one of"):
-    trainer.validate_config(c, 1, 1, check_data=False)
+    train_config.resolve(c, 1, 1)
 
 
 @pytest.mark.slow
 def test_vae_recipe_resume_is_exact(tmp_path):
-  from bagel_jax.train import trainer
+  from bagel_jax.train import vae_recipe
   from experiments.own_data import vae as vae_config
   _, arg = _small_folder(tmp_path)
   a, b = tmp_path / "a", tmp_path / "b"
-  trainer.train(vae_config.get_config(arg + ",steps=2"), str(a))
-  trainer.train(vae_config.get_config(arg + ",steps=4"), str(a))
-  trainer.train(vae_config.get_config(arg + ",steps=4"), str(b))
+  vae_recipe.train(vae_config.get_config(arg + ",steps=2"), str(a))
+  vae_recipe.train(vae_config.get_config(arg + ",steps=4"), str(a))
+  vae_recipe.train(vae_config.get_config(arg + ",steps=4"), str(b))
   ea, eb = _check_vae_workdir(a, 4), _check_vae_workdir(b, 4)
   assert ea["psnr_heldout"] == pytest.approx(eb["psnr_heldout"], abs=1e-5)

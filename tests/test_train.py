@@ -116,7 +116,7 @@ def test_checkpoint_of_the_old_layout_resumes(tmp_path):
   tx_full, _, _ = opt_lib.make_optimizer(c.optim, params)
   old_state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx_full.init(params),
                          ema=jax.tree.map(jax.numpy.copy, params))
-  data = inputs.make_input(c, s.model_cfg, s.local_spec, 0, 1)
+  data = inputs.make_input(s.run, s.local_spec, 0, 1)
   ck = checkpointing.Checkpointer(os.path.join(old, "checkpoints"), s.model_cfg, async_save=False)
   ck.save(old_state, data, force=True)
   ck.close()

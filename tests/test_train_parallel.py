@@ -41,7 +41,7 @@ def config(ici, dcn=1):
 
 base = trainer.make_setup(config(dict(data=1, fsdp=1, tensor=1)), devices=jax.devices()[:1])
 params0 = jax.device_get(trainer.create_state(base).params)
-batch_np = next(inputs.make_input(base.config, base.model_cfg, base.spec, 0, 1))
+batch_np = next(inputs.make_input(base.run, base.local_spec, 0, 1))
 
 def loss_and_grads(s):
   params = jax.device_put(params0, s.param_shardings)

@@ -80,3 +80,18 @@ def test_bad_vae_init_names_the_key():
   c.data.image_size = 0
   with pytest.raises(ValueError, match=r"config\.init\.vae='synthetic' needs"):
     trainer.make_setup(c)
+
+
+def test_the_vae_experiment_writes_what_init_vae_loads(tmp_path, monkeypatch):
+  """experiments/tiny/vae.py (recipe "vae", synthetic renders) runs `pretrain_vae`, the recipe
+  `init.vae="synthetic"` caches, into a workdir that `init.vae=<workdir>` loads; a finished run is not redone."""
+  import os
+  from bagel_jax.train import config as train_config, vae_recipe
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  c = train_config.load_config(os.path.join(repo, "experiments", "tiny", "vae.py") + ":steps=3,batch_size=2")
+  work = str(tmp_path / "vae")
+  ev = vae_recipe.train(c, work)
+  assert ev["step"] == 3 and ev["psnr_heldout"] > 0 and os.path.exists(os.path.join(work, "recon_grid.png"))
+  assert _leaves_equal(vp.load_vae(work, CFG), vp.pretrain_vae(CFG, SIZE, 3, 0, 2, verbose=False))
+  monkeypatch.setattr(vae_recipe, "pretrain_vae", _no_training)
+  assert vae_recipe.train(c, work)["step"] == 3

@@ -17,6 +17,9 @@ Per instruction, by the rules of XLA's HloCostAnalysis:
   writes; a fusion parameter read only through dynamic-slice / gather / slice counts the slices, an operand
   updated in place by dynamic-update-slice counts the update;
 - `collectives`: the full buffer of each all-gather / reduce-scatter / all-reduce / all-to-all / permute.
+
+Size (over 400 lines: one HLO text parser and the cost rules that walk its computations; the rules share the
+parser's instruction and shape helpers throughout).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from bagel_jax.models import bagel as bagel_lib
 from bagel_jax.models.routing import take_rows
 from bagel_jax.parallel import mesh as mesh_lib, rules as rules_lib
 from bagel_jax.parallel import topology as topology_lib
-from bagel_jax.train import flops as flops_lib, trainer
+from bagel_jax.train import config as train_config, flops as flops_lib
 
 
 def _inference_params(model_cfg, mesh, rules, dtype):
@@ -106,7 +106,7 @@ def analyse_inference(config, topology: str, num_slices: int = 1, cache_len: int
   with c.unlocked():
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "none"
-  model_cfg = trainer.build_model_config(c)
+  model_cfg = train_config.model_config(c)
   mesh = mesh_lib.create_mesh(dict(c.mesh.ici), dict(c.mesh.dcn), devices)
   rules = rules_lib.rules_for_mesh(rules_lib.get_rules(c.mesh.rules), mesh)
   options = libtpu.compiler_options(topology)

@@ -5,8 +5,8 @@ what the model-FLOPs count, the attention kernels' tile fraction and the kernel 
 Samples are drawn i.i.d. by kind with the stage's ratios as probabilities (what `data.sources.mix` does with
 source weights), with random sizes, so document boundaries fall anywhere in a row:
   text             one document of 256..4,096 tokens with loss;
-  t2i              a caption (16..96 tokens) + a noisy generation image (edges uniform in the stage's gen_res);
-  i2t              an understanding image (edges uniform in und_res) + question (8..64) + answer (8..256, loss);
+  t2i              a caption (16..96 tokens) + a noisy generation image (edges uniform in the stage's gen_size);
+  i2t              an understanding image (edges uniform in und_size) + question (8..64) + answer (8..256, loss);
   interleaved_und  two or three understanding images with text between them, the last text with loss;
   video            a caption + 2..4 clean frames at half the gen edge + one noisy frame group;
   web              text, a clean generation image, an understanding image, text with loss, a noisy image.
@@ -21,12 +21,12 @@ import grain
 import numpy as np
 
 from bagel_jax.batch import BatchSpec
-from bagel_jax.data.pipeline import PackBatches, Prepared, sample_needs
+from bagel_jax.data.packing import PackBatches, Prepared, sample_needs
 from bagel_jax.data.sequence import LayoutConfig, Text, VaeImage, VideoGroup, VitImage, assemble_batch, layout_sample
 from bagel_jax.kernels import block_tables as bt
 from bagel_jax.kernels import mask as mask_lib
 from bagel_jax.kernels import ops
-from bagel_jax.train.trainer import build_batch_spec
+from bagel_jax.train.config import batch_spec
 
 KINDS = ("text", "t2i", "i2t", "interleaved_und", "video", "web")
 
@@ -40,18 +40,19 @@ class StageMix:
 
   @classmethod
   def from_config(cls, config) -> "StageMix":
-    """`config.stage_mix` (written by the recipe from Table 3)."""
+    """`config.stage_mix.ratios` and the recipe's `config.data.gen_size` / `und_size` (Table 3)."""
     mix = config.get("stage_mix", None)
     ratios = {k: float(v) for k, v in dict(mix.ratios).items() if v > 0} if mix is not None else {}
     if not ratios:
-      raise ValueError("config.stage_mix.ratios: no data kind has a positive ratio (the recipe's stage sets "
-                       "them, experiments/common.apply_stage)")
+      raise ValueError("config.stage_mix.ratios: no data kind has a positive ratio (each recipe sets its stage's "
+                       "Table 3 ratios, experiments/bagel_7b/)")
     unknown = sorted(set(ratios) - set(KINDS))
     if unknown:
       raise ValueError(f"config.stage_mix.ratios: unknown kinds {unknown} (known: {list(KINDS)})")
-    gen = tuple(int(x) for x in mix.get("gen_res", (256, 512)))
-    und = tuple(int(x) for x in mix.get("und_res", (224, 980)))
-    return cls(ratios, gen if any(gen) else (256, 512), und if any(und) else (224, 980))
+    data = config.get("data", {})
+    gen = tuple(int(x) for x in data.get("gen_size", cls.gen_px))
+    und = tuple(int(x) for x in data.get("und_size", cls.und_px))
+    return cls(ratios, gen, und)
 
 
 class _Draw:
@@ -136,7 +137,7 @@ def packed_rows(model_cfg, mix: StageMix, spec: BatchSpec, rows: int, seed: int 
 def representative_rows(config, model_cfg, rows: int = 8, seed: int = 0,
                         mix: Optional[StageMix] = None):
   """Rows of `config.batch` capacities packed from the config's stage mix."""
-  spec = build_batch_spec(config, model_cfg, batch_size=1)
+  spec = batch_spec(config, model_cfg, batch_size=1)
   return packed_rows(model_cfg, mix or StageMix.from_config(config), spec, rows, seed)
 
 

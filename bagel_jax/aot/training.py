@@ -24,6 +24,7 @@ from bagel_jax.models import bagel as bagel_lib
 from bagel_jax.parallel import rules as rules_lib
 from bagel_jax.parallel import topology as topology_lib
 from bagel_jax.train import flops as flops_lib
+from bagel_jax.train import config as train_config
 from bagel_jax.train import trainer
 
 HEADROOM_TARGET = 0.85  # issue #9: total per-chip memory <= 85% of HBM
@@ -65,7 +66,7 @@ def analyse(config, topology: str, num_slices: int = 1, rates: Optional[costs.Ra
   chip = topology_lib.CHIPS[gen]
   devices = libtpu.topology_devices(topology, num_slices)
   n_dev = len(devices)
-  model_cfg = trainer.build_model_config(config)
+  model_cfg = train_config.model_config(config)
   rows = rows_lib.representative_rows(config, model_cfg, REPRESENTATIVE_ROWS)
   fractions = rows_lib.tile_fractions(rows)
   compiled, s, timing = compile_step(config, devices, topology, fractions)

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from bagel_jax import checkpoint as ckpt_lib
 from bagel_jax.convert import safetensors_io
 from bagel_jax.convert.common import (ConversionError, Plan, ShardingFn, TensorSource, atomic_output_dir, cast,
                                       check_tree_shapes, claim_plan, export_tensors, flatten, linear_leaves,
@@ -33,6 +34,7 @@ from bagel_jax.convert.siglip import config_to_hf as vit_config_to_hf
 from bagel_jax.convert.siglip import ignore_unused as ignore_unused_vit
 from bagel_jax.convert.siglip import siglip_plan
 from bagel_jax.models import config as config_lib
+from bagel_jax.models.bagel import abstract_params, count_params, param_logical_axes
 from bagel_jax.models.layers import sincos_2d_table
 
 EMA, MODEL, AE = "ema.safetensors", "model.safetensors", "ae.safetensors"
@@ -118,7 +120,6 @@ class Release:
 
   def summary(self) -> str:
     c = self.config
-    from bagel_jax.models.bagel import count_params  # pylint: disable=import-outside-toplevel
     n = count_params(self.abstract())
     return (f"LLM {c.llm.layer_variant} (file: {self.file_variant}) hidden {c.llm.hidden_size} x "
             f"{c.llm.num_layers} layers, vocab {c.llm.vocab_size}; ViT {c.vit.num_layers} layers run, grid "
@@ -230,7 +231,6 @@ def inspect_release(llm_json: Mapping, vit_json: Mapping, ema: TensorSource, ae:
   ae.finish()
   release = Release(config, ema, ae, plan, vplan, file_variant)
   if check_model:
-    from bagel_jax.models.bagel import abstract_params  # pylint: disable=import-outside-toplevel
     model = flatten(abstract_params(config))
     check_tree_shapes(flatten(release.abstract()), model, "converted release")
     release.dtypes = {k: np.dtype(v.dtype) for k, v in model.items()}
@@ -266,7 +266,6 @@ def load_release(release: Release, dtype="float32", *, sharding_fn: Optional[Sha
     verify_tables(release)
   axes = None
   if sharding_fn is not None:
-    from bagel_jax.models.bagel import param_logical_axes  # pylint: disable=import-outside-toplevel
     axes = flatten(param_logical_axes(release.config))
   kw = dict(logical_axes=axes, sharding_fn=sharding_fn, progress=progress, dtypes=release.dtypes)
   params = materialize(release.plan, release.ema, dtype, desc=release.ema.what, **kw)
@@ -328,7 +327,6 @@ def copy_source_files(files: Mapping[str, str], dst_dir: str) -> None:
 
 
 def save_checkpoint(tmp: str, params, config: config_lib.BagelConfig, files: Mapping[str, str]) -> None:
-  from bagel_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   check_special_ids(config, "converted checkpoint")
   ckpt_lib.save_params(tmp, params, config)
   import jax  # pylint: disable=import-outside-toplevel
@@ -360,7 +358,6 @@ def export_bagel(checkpoint: str, dst: str, *, dtype=None, ae_dtype="float32", s
   metadata records the VAE scale/shift/groups, which no official file does),
   `llm_config.json`, `vit_config.json` (stored layer count = layers run + 1, which the official loader
   subtracts) and the source's tokenizer files. Returns the names of the files written."""
-  from bagel_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   params, config, _ = ckpt_lib.load_params(checkpoint, step=step)
   flat = flatten(params)
   plan, vplan = ema_plan(config), vae_plan(config)

@@ -120,8 +120,8 @@ def _sharding_fn(mesh_spec: Optional[str], rules_name: str):
   if not mesh_spec:
     return None
   import jax  # pylint: disable=import-outside-toplevel
-  from bagel_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from bagel_jax.parallel import rules as rules_lib  # pylint: disable=import-outside-toplevel
+  # imported after main() chose the JAX platform (use_cpu_if_no_accelerator): they import JAX
+  from bagel_jax.parallel import mesh as mesh_lib, rules as rules_lib  # pylint: disable=import-outside-toplevel
   try:
     ici = {k.strip(): int(v) for k, v in (item.split("=") for item in mesh_spec.split(",") if item.strip())}
   except ValueError as e:
@@ -135,8 +135,8 @@ def _sharding_fn(mesh_spec: Optional[str], rules_name: str):
 
 
 def run(args: argparse.Namespace) -> None:
-  from bagel_jax.convert import bagel as bagel_conv  # pylint: disable=import-outside-toplevel
-  from bagel_jax.convert import components  # pylint: disable=import-outside-toplevel
+  # imported after main() chose the JAX platform (use_cpu_if_no_accelerator): they import JAX
+  from bagel_jax.convert import bagel as bagel_conv, components  # pylint: disable=import-outside-toplevel
   progress = not args.quiet
   log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
   if args.command == "export":

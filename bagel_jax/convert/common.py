@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, T
 
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
 
 def linear_to_kernel(w: np.ndarray) -> np.ndarray:
@@ -41,43 +42,14 @@ def kernel_to_conv(k: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(np.asarray(k), (3, 2, 0, 1)))
 
 
-def set_path(tree: Dict, path: str, value) -> None:
-  """Sets tree['a']['b']['c'] = value for path 'a/b/c', creating dicts on the way."""
-  keys = path.split("/")
-  node = tree
-  for k in keys[:-1]:
-    node = node.setdefault(k, {})
-  if keys[-1] in node:
-    raise ValueError(f"parameter path {path!r} written twice")
-  node[keys[-1]] = value
-
-
-def get_path(tree: Mapping, path: str):
-  node = tree
-  for k in path.split("/"):
-    node = node[k]
-  return node
-
-
-def flatten(tree: Mapping, prefix: str = "") -> Dict[str, np.ndarray]:
-  """Nested dict -> {'a/b/c': leaf}."""
-  out = {}
-  for k, v in tree.items():
-    p = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(flatten(v, p))
-    else:
-      out[p] = v
-  return out
-
-
+def flatten(tree: Mapping) -> Dict[str, Any]:
+  """Nested dict -> {'a/b/c': leaf} (our parameter paths)."""
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat: Mapping[str, Any]) -> Dict:
-  out: Dict = {}
-  for k, v in flat.items():
-    set_path(out, k, v)
-  return out
+  """{'a/b/c': leaf} -> nested dict."""
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,7 +24,10 @@ from bagel_jax.convert.qwen2 import llm_config_from_hf, llm_plan
 from bagel_jax.convert.siglip import config_from_hf as vit_config_from_hf
 from bagel_jax.convert.siglip import ignore_unused as ignore_unused_vit
 from bagel_jax.convert.siglip import siglip_plan
+from bagel_jax import checkpoint as ckpt_lib
 from bagel_jax.models import config as config_lib
+from bagel_jax.models import bagel as bagel_lib
+from bagel_jax.models.flux_vae import init_vae_params
 
 HF_CONFIG = "config.json"
 
@@ -125,8 +128,6 @@ def random_init(config: config_lib.BagelConfig, keys, seed: int = 0) -> Dict:
   the unrequested modules), with the gen expert copied from und as the official training starts."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from bagel_jax.models import bagel as bagel_lib  # pylint: disable=import-outside-toplevel
-  from bagel_jax.models.flux_vae import init_vae_params  # pylint: disable=import-outside-toplevel
   keys = set(keys)
   rng_model, rng_vae = jax.random.split(jax.random.key(seed))
   out = {}
@@ -147,8 +148,6 @@ def assemble(dst: str, parts: List[Part], config: config_lib.BagelConfig, *, int
              overwrite: bool = False, log: Callable[[str], None] = lambda s: None) -> config_lib.BagelConfig:
   """Writes `config`'s full parameter tree to `dst`: the converted parts, the rest from `into` or init."""
   import jax  # pylint: disable=import-outside-toplevel
-  from bagel_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from bagel_jax.models import bagel as bagel_lib  # pylint: disable=import-outside-toplevel
   want = flatten(bagel_lib.abstract_params(config))
   converted = {p.key for p in parts}
   others = sorted({k.split("/")[0] for k in want} - converted)
@@ -187,6 +186,5 @@ def base_config(preset: Optional[str], into: Optional[str], variant: str = "mot"
     raise ConversionError("give exactly one of --preset NAME (other modules initialised) or --into CHECKPOINT "
                           "(other modules kept from it): the checkpoint always holds the whole model")
   if into is not None:
-    from bagel_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
     return ckpt_lib.read_model_config(into)
   return config_lib.get_preset(preset, variant)

@@ -16,8 +16,8 @@ import numpy as np
 from bagel_jax.convert.common import (ConversionError, Leaf, Piece, Plan, TensorSource, claim_plan,
                                       export_tensors, flatten, kernel_to_linear, linear_to_kernel, materialize,
                                       single)
+from bagel_jax.models import variants
 from bagel_jax.models.config import LLMConfig
-from bagel_jax.models.qwen2 import expert_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +50,9 @@ def _layer_entries(cfg: LLMConfig) -> Iterator[_Entry]:
 
 
 def _block_experts(cfg: LLMConfig, block: str) -> int:
-  n = expert_counts(cfg.layer_variant)
-  if block in ("attn", "attn_norm"):
-    return n["attn"]
-  if block == "mlp_norm":
-    return 2 if cfg.layer_variant == "mot" else 1
-  return n["mlp"]
+  """The variant's weight sets of a block: 2 means the official tensor has its `_moe_gen` twin."""
+  e = variants.get(cfg.layer_variant).experts
+  return {"attn": e.attn, "attn_norm": e.attn, "mlp_norm": e.mlp_norm, "mlp": e.mlp}[block]
 
 
 def _to_ours(t: np.ndarray, kind: str, cfg: LLMConfig) -> np.ndarray:
@@ -117,8 +114,8 @@ def llm_plan(cfg: LLMConfig, *, src: Optional[TensorSource] = None, prefix: str 
   `copy_init_moe` (`gen_from_und`); a missing `lm_head` reuses the embedding of a tied checkpoint
   (`tie_fallback`; BAGEL unties it). Anything else missing is left for `claim_plan` to report.
   """
-  if cfg.layer_variant == "moe_topk":
-    raise ConversionError("moe_topk has no released checkpoint naming to convert from or to")
+  if variants.get(cfg.layer_variant).official_layer is None:
+    raise ConversionError(f"{cfg.layer_variant} has no released checkpoint naming to convert from or to")
   has = (lambda n: True) if src is None else (lambda n: n in src)
   plan: Plan = {}
   d, v = cfg.hidden_size, cfg.vocab_size
@@ -154,7 +151,7 @@ def llm_plan(cfg: LLMConfig, *, src: Optional[TensorSource] = None, prefix: str 
       for i, ps in enumerate(per_layer):
         plan[f"layers_{i}/" + e.path] = Leaf(stack + ours, tuple(ps))
 
-  n_final = expert_counts(cfg.layer_variant)["final_norm"]
+  n_final = variants.get(cfg.layer_variant).experts.final_norm
   norms = [piece((0,) if n_final == 2 else (), prefix + "norm.weight", "", "vector", (d,))]
   if n_final == 2:
     norms.append(piece((1,), prefix + "norm_moe_gen.weight", prefix + "norm.weight", "vector", (d,), gen=True))
@@ -235,7 +232,6 @@ def llm_config_from_hf(hf: Mapping, *, layer_variant: str = "dense", qk_norm: Op
   return LLMConfig(**kw)
 
 
-LAYER_MODULES = {"dense": "Qwen2DecoderLayer", "moe": "Qwen2MoEDecoderLayer", "mot": "Qwen2MoTDecoderLayer"}
 # Qwen2.5-7B-Instruct's config.json as BAGEL ships it in llm_config.json (reference §8), for the fields our
 # config does not carry.
 _QWEN25_DEFAULTS = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu",
@@ -248,14 +244,15 @@ def llm_config_to_hf(cfg: LLMConfig, base: Optional[Mapping] = None, torch_dtype
   """BAGEL's `llm_config.json` for `cfg`: the source's own file (`base`) with our architecture fields written
   over it, or Qwen2.5's defaults. `layer_module` is set so the official training code builds the right
   variant (its inference code forces MoT)."""
-  if cfg.layer_variant not in LAYER_MODULES:
+  layer_module = variants.get(cfg.layer_variant).official_layer
+  if layer_module is None:
     raise ConversionError(f"layer_variant {cfg.layer_variant!r} has no official layer module")
   out = dict(_QWEN25_DEFAULTS, max_window_layers=cfg.num_layers)
   out.update(base or {})
   out.update(torch_dtype=torch_dtype, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
              intermediate_size=cfg.intermediate_size, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
-             qk_norm=cfg.qk_norm, tie_word_embeddings=False, layer_module=LAYER_MODULES[cfg.layer_variant])
+             qk_norm=cfg.qk_norm, tie_word_embeddings=False, layer_module=layer_module)
   if cfg.head_dim * cfg.num_heads != cfg.hidden_size or "head_dim" in out:
     out["head_dim"] = cfg.head_dim  # the official Qwen2 code derives hidden_size // heads; newer HF reads this
   return out

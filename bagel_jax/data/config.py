@@ -11,9 +11,10 @@ import dataclasses
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from bagel_jax.data import synthetic
+from bagel_jax.data.samples import GEN_KINDS
 
 SOURCE_TYPES = ("synthetic", "tfds", "jsonl", "parquet", "tar")
-# Table 3 data categories (experiments/common.py STAGES[stage]["ratios"]) and the synthetic task of each.
+# Table 3 data categories (a recipe's `config.stage_mix.ratios`, experiments/bagel_7b/) and the synthetic task of each.
 SYNTHETIC_CATEGORY = {"text": "text", "t2i": "t2i", "words": "t2i", "think_t2i": "t2i", "caption": "i2t",
                       "vqa": "i2t", "think_vqa": "interleaved_und", "video": "video", "next_frame": "video",
                       "edit": "web"}
@@ -141,18 +142,22 @@ class DataConfig:
     """From a ConfigDict/dict with the field names above; `sources` is a list/tuple whose entries are dicts
     (SourceConfig fields) or strings (`source_from_string`: 'PATH' or 'TYPE:PATH', what
     `--config.data.sources=...` takes on the command line). `source` (the trainer's selector) is ignored;
-    `source='synthetic'` without `sources` gives `synthetic_mixture()`."""
+    `source='synthetic'` without `sources` gives the built-in synthetic tasks: `synthetic_mixture()`, or with
+    `ratios` (a stage's Table 3 category ratios, the tiny recipes' `stage_mix.ratios`)
+    `synthetic_stage_mixture(ratios)`. With `sources`, `ratios` is not used."""
     d = dict(c.to_dict() if hasattr(c, "to_dict") else c)
     selector = d.pop("source", None)
+    ratios = d.pop("ratios", None)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
-      raise ValueError(f"config.data: unknown keys {unknown} (known: {sorted(fields | {'source'})})")
+      raise ValueError(f"config.data: unknown keys {unknown} (known: {sorted(fields | {'source', 'ratios'})})")
     srcs = d.pop("sources", None)
     if not srcs:
       if selector not in (None, "synthetic"):
         raise ValueError(f"config.data.source={selector!r} needs config.data.sources")
-      base = synthetic_mixture(image_size=int(d.get("image_size", 32)))
+      size = int(d.get("image_size", 32))
+      base = synthetic_stage_mixture(ratios, image_size=size) if ratios else synthetic_mixture(image_size=size)
       d = {**{k: getattr(base, k) for k in ("gen_und", "gen_size", "und_size")}, **d}
       srcs = [dataclasses.asdict(s) for s in base.sources]
     if isinstance(srcs, (str, dict)) or hasattr(srcs, "to_dict"):
@@ -208,7 +213,6 @@ def source_from_string(spec: str, index: int = 0, taken=()) -> SourceConfig:
 def _first_group(typ: str, path: str) -> str:
   """'gen' or 'und' from the kind of the first parsable record of a JSONL manifest ('' otherwise)."""
   import json  # pylint: disable=import-outside-toplevel
-  from bagel_jax.data.samples import GEN_KINDS  # pylint: disable=import-outside-toplevel
   if typ != "jsonl":
     return ""
   try:

@@ -1,4 +1,8 @@
-"""Hand-written and random packed batches for tests, benchmarks and smoke runs (no data needed)."""
+"""Hand-written and random packed batches for tests, benchmarks and smoke runs (no data needed).
+
+`config` below is a model config (`models.config.BagelConfig`); only its shapes are read (vocabulary, ViT patch,
+latent token width and stride, position-table sides), so this module does not import the model layer.
+"""
 from __future__ import annotations
 
 from typing import List, Optional, Sequence
@@ -6,25 +10,25 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from bagel_jax.batch import BatchSpec, PackedBatch
-from bagel_jax.data.sequence import (Item, LayoutConfig, SampleLayout, Text, VaeImage, VideoGroup, VitImage,
-                                     assemble_batch, fits, layout_sample)
-from bagel_jax.models.config import BagelConfig
+from bagel_jax.data.sequence import (Item, SampleLayout, Text, VaeImage, VideoGroup, VitImage, assemble_batch, fits,
+                                     layout_sample)
+from bagel_jax.layout import LayoutConfig
 
 
-def batch_spec_for(config: BagelConfig, *, batch_size: int = 2, seq_len: int = 128, vit_capacity: int = 32,
+def batch_spec_for(config, *, batch_size: int = 2, seq_len: int = 128, vit_capacity: int = 32,
                    latent_capacity: int = 48, image_capacity: int = 8, und_capacity: Optional[int] = None,
                    ce_capacity: Optional[int] = None, pixel_images: int = 0, pixel_size: int = 0) -> BatchSpec:
-  return BatchSpec(batch_size=batch_size, seq_len=seq_len, vit_capacity=vit_capacity,
-                   latent_capacity=latent_capacity, image_capacity=image_capacity,
-                   vit_patch_dim=config.vit.patch_dim, latent_dim=config.latent_channels,
-                   und_capacity=und_capacity, ce_capacity=ce_capacity, vae_image_capacity=pixel_images,
-                   vae_image_size=pixel_size, latent_downsample=config.latent_downsample)
+  """`BatchSpec.for_model` with the small capacities of the tests' hand-written and random batches."""
+  return BatchSpec.for_model(config, batch_size=batch_size, seq_len=seq_len, vit_capacity=vit_capacity,
+                             latent_capacity=latent_capacity, image_capacity=image_capacity,
+                             und_capacity=und_capacity, ce_capacity=ce_capacity, vae_image_capacity=pixel_images,
+                             vae_image_size=pixel_size)
 
 
 class _Gen:
   """Random item factory for one model config."""
 
-  def __init__(self, config: BagelConfig, rng: np.random.Generator, pixel_mode: bool = False):
+  def __init__(self, config, rng: np.random.Generator, pixel_mode: bool = False):
     self.c, self.rng, self.pixel_mode = config, rng, pixel_mode
     self.first_id = 5  # ids 0..4 are padding/specials in the tiny vocabulary
 
@@ -44,7 +48,7 @@ class _Gen:
     return VaeImage((h, w), latents=lat, noisy=noisy, t_logit=t)
 
 
-def hand_written_samples(config: BagelConfig, seed: int = 0, pixel_mode: bool = False) -> List[List[Item]]:
+def hand_written_samples(config, seed: int = 0, pixel_mode: bool = False) -> List[List[Item]]:
   """The three documents of the mask test: (1) text -> noisy image -> its clean copy -> text with loss;
   (2) ViT image -> text with loss (VQA); (3) text only with loss."""
   g = _Gen(config, np.random.default_rng(seed), pixel_mode)
@@ -86,7 +90,7 @@ def random_sample(g: _Gen, kind: str) -> List[Item]:
 KINDS = ("text", "t2i", "vqa", "edit", "video")
 
 
-def random_batch(config: BagelConfig, spec: BatchSpec, seed: int = 0,
+def random_batch(config, spec: BatchSpec, seed: int = 0,
                  kinds: Sequence[str] = KINDS, max_tries: int = 200) -> PackedBatch:
   """Greedily fills every row with random samples of `kinds` until the next one does not fit."""
   layout = LayoutConfig.from_model_config(config)
@@ -104,7 +108,7 @@ def random_batch(config: BagelConfig, spec: BatchSpec, seed: int = 0,
   return assemble_batch(rows, spec, layout)
 
 
-def hand_written_batch(config: BagelConfig, spec: BatchSpec, seed: int = 0) -> PackedBatch:
+def hand_written_batch(config, spec: BatchSpec, seed: int = 0) -> PackedBatch:
   """Row 0 holds the three hand-written documents; other rows are empty (padding)."""
   layout = LayoutConfig.from_model_config(config)
   docs = [layout_sample(s, layout) for s in hand_written_samples(config, seed, spec.pixel_mode)]

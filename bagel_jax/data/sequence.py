@@ -3,13 +3,10 @@
 
 A sample is a list of items. `layout_sample` turns one sample into per-token arrays; `assemble_batch` places
 several laid-out samples per row into the fixed-shape `PackedBatch` of a `BatchSpec`. Everything is numpy on
-the host; the Grain pipeline calls these.
-
-Rules implemented here:
-- text: `<|im_start|> ids <|im_end|>`, one causal split, consecutive RoPE ids; with `loss`, the first n+1
-  tokens carry CE labels `ids + [<|im_end|>]`.
-- image (ViT or VAE): `<|vision_start|> tokens <|vision_end|>`, one split (`full`; `noise` for a noisy VAE
-  image), the whole block at one RoPE id; the id advances by 1 except after a noisy image.
+the host; the Grain pipeline calls these. How one item becomes tokens is `bagel_jax.layout` (shared with the
+inference contexts); what this module adds is the sample level:
+- text: one causal split; with `loss`, the first n+1 tokens carry CE labels `ids + [<|im_end|>]`.
+- image (ViT or VAE): one split (`full`; `noise` for a noisy VAE image).
 - video group: several VAE frames in one `full` split (diffusion forcing), one timestep for the group, RoPE id
   advancing by each frame's `frame_delta`.
 - CFG dropout (§5.5): items with `cfg=True` may be dropped by `apply_cfg_dropout`; a dropped item becomes
@@ -24,34 +21,10 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from bagel_jax import batch as batch_lib
+from bagel_jax import layout as layout_lib
 from bagel_jax.batch import PAD, TEXT, VAE, VIT, BatchSpec
 from bagel_jax.kernels.mask import CAUSAL, FULL, NOISE
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialTokens:
-  bos: int   # <|im_start|>
-  eos: int   # <|im_end|>
-  vision_start: int
-  vision_end: int
-
-  @classmethod
-  def from_llm_config(cls, llm) -> "SpecialTokens":
-    return cls(llm.bos_token_id, llm.eos_token_id, llm.vision_start_token_id, llm.vision_end_token_id)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayoutConfig:
-  """What laying out a row needs from the model: special-token ids and the sides of the ViT and latent
-  position grids (position id = row * side + col)."""
-  special: SpecialTokens
-  vit_side: int
-  latent_side: int
-
-  @classmethod
-  def from_model_config(cls, config) -> "LayoutConfig":
-    return cls(SpecialTokens.from_llm_config(config.llm), config.vit.max_patches_per_side,
-               config.max_latent_size)
+from bagel_jax.layout import LayoutConfig
 
 
 @dataclasses.dataclass
@@ -181,14 +154,9 @@ def layout_sample(items: Sequence[Item], layout: LayoutConfig) -> SampleLayout:
 
   def emit_image_block(kind, grid, mode, pos, payload, t_logit, mse):
     h, w = (int(x) for x in grid)
-    side = layout.vit_side if kind == "vit" else layout.latent_side
-    if h > side or w > side or h <= 0 or w <= 0:
-      raise ValueError(f"{kind} image grid {h}x{w} outside 1..{side} tokens per side")
+    layout_lib.grid_positions((h, w), layout.vit_side if kind == "vit" else layout.latent_side, f"{kind} image")
     n = h * w
-    ids = np.zeros(n + 2, np.int32)
-    ids[0], ids[-1] = special.vision_start, special.vision_end
-    modality = np.full(n + 2, VIT if kind == "vit" else VAE, np.int32)
-    modality[0] = modality[-1] = TEXT
+    ids, modality = layout_lib.image_tokens(n, VIT if kind == "vit" else VAE, special)
     mse_w = np.full(n + 2, mse, np.float32)
     mse_w[0] = mse_w[-1] = 0.0
     images.append(dict(kind=kind, grid=(h, w), offset=state["n"] + 1, t_logit=t_logit, **payload))
@@ -212,13 +180,12 @@ def layout_sample(items: Sequence[Item], layout: LayoutConfig) -> SampleLayout:
     state["split"] += 1
     rope = state["rope"]
     if isinstance(item, Text):
-      ids = [int(i) for i in item.ids]
-      tokens = [special.bos] + ids + [special.eos]
+      tokens = layout_lib.text_tokens(item.ids, special)
       n = len(tokens)
       ce_t = np.zeros(n, np.int32)
       ce_w = np.zeros(n, np.float32)
       if item.loss:
-        ce_t[:n - 1] = ids + [special.eos]
+        ce_t[:n - 1] = tokens[1:]  # ids + [<|im_end|>]
         ce_w[:n - 1] = 1.0
       emit_block(tokens, np.full(n, TEXT, np.int32), CAUSAL, rope + np.arange(n), ce_t, ce_w)
       state["rope"] += n
@@ -227,13 +194,12 @@ def layout_sample(items: Sequence[Item], layout: LayoutConfig) -> SampleLayout:
       if patches.shape[0] != item.grid[0] * item.grid[1]:
         raise ValueError(f"VitImage: {patches.shape[0]} patches do not match grid {item.grid}")
       emit_image_block("vit", item.grid, FULL, rope, dict(patches=patches), -np.inf, 0.0)
-      state["rope"] += 1
+      state["rope"] += layout_lib.IMAGE_ROPE_ADVANCE
     elif isinstance(item, VaeImage):
       mode = NOISE if item.noisy else FULL
       t_logit = float(item.t_logit) if item.noisy else -np.inf
       emit_image_block("vae", item.grid, mode, rope, vae_payload(item), t_logit, 1.0 if item.noisy else 0.0)
-      if not item.noisy:
-        state["rope"] += 1
+      state["rope"] += layout_lib.NOISY_ROPE_ADVANCE if item.noisy else layout_lib.IMAGE_ROPE_ADVANCE
     elif isinstance(item, VideoGroup):
       if len(item.frame_deltas) != len(item.frames):
         raise ValueError("VideoGroup: one frame_delta per frame")
@@ -305,7 +271,7 @@ def _fill_row(out: Dict[str, np.ndarray], r: int, samples: Sequence[SampleLayout
       if im["kind"] == "vit":
         k = slice(n_vit, n_vit + h * w)
         out["vit_patches"][r, k] = im["patches"]
-        out["vit_pos"][r, k] = rows_ * layout.vit_side + cols_
+        out["vit_pos"][r, k] = layout_lib.grid_positions((h, w), layout.vit_side)
         out["vit_image"][r, k] = image_id
         out["vit_dest"][r, k] = dest
         n_vit += h * w
@@ -314,7 +280,7 @@ def _fill_row(out: Dict[str, np.ndarray], r: int, samples: Sequence[SampleLayout
         out["latent_image"][r, k] = image_id
         out["latent_dest"][r, k] = dest
         out["latent_t_logit"][r, k] = im["t_logit"]
-        out["latent_pos"][r, k] = rows_ * layout.latent_side + cols_
+        out["latent_pos"][r, k] = layout_lib.grid_positions((h, w), layout.latent_side)
         if "latents" in im:
           if "latent_x0" not in out:
             raise ValueError("assemble_batch: latent tokens given but the BatchSpec is in pixel mode")

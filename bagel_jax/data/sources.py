@@ -298,17 +298,23 @@ class Tag:
     return self.k, int(index), record
 
 
-def streams(dc: DataConfig, process_index: int = 0, process_count: int = 1
-            ) -> Tuple[List[grain.MapDataset], List[float]]:
+def open_sources(dc: DataConfig) -> List[SafeSource]:
+  """Every source of `dc`, opened once (in `dc.sources` order): the start-up scan and the streams share them."""
+  return [SafeSource(open_source(s, dc), s.name) for s in dc.sources]
+
+
+def streams(dc: DataConfig, process_index: int = 0, process_count: int = 1,
+            opened: Optional[Sequence[SafeSource]] = None) -> Tuple[List[grain.MapDataset], List[float]]:
   """One stream per source (weight > 0): shuffled with its own seed (reshuffled every epoch), repeated
   (`num_epochs`, 0 = forever), tagged (`Tag`) and sliced to this process's shard [process_index::process_count].
-  Sharding each source before mixing keeps the mixture exact on every host (and in every worker)."""
+  Sharding each source before mixing keeps the mixture exact on every host (and in every worker). `opened`:
+  the sources as `open_sources(dc)` returned them (opened here otherwise)."""
   weights = dc.weights()
   parts, w = [], []
   for k, s in enumerate(dc.sources):
     if weights[s.name] <= 0:
       continue
-    src = SafeSource(open_source(s, dc), s.name)
+    src = opened[k] if opened is not None else SafeSource(open_source(s, dc), s.name)
     if len(src) == 0:
       raise ValueError(f"data source {s.name!r} ({s.type} {s.path or s.task}) is empty")
     ds = grain.MapDataset.source(src)

@@ -19,7 +19,7 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence
 
-from bagel_jax.data.sequence import SpecialTokens
+from bagel_jax.layout import SpecialTokens
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 SYNTHETIC_VOCAB = os.path.join(ASSET_DIR, "synthetic_vocab.json")

@@ -18,6 +18,8 @@ import json
 import os
 from typing import Iterator, List, Sequence
 
+from bagel_jax.data.tokenizer import HFTokenizer
+
 SPECIAL_TOKENS = ("<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<unk>", "<think>",
                   "</think>")
 MIN_VOCAB = len(SPECIAL_TOKENS) + 256
@@ -42,7 +44,6 @@ def manifest_texts(paths: Sequence[str]) -> Iterator[str]:
 def train(texts: Sequence[str], vocab_size: int, out: str, *, lowercase: bool = False, min_frequency: int = 2):
   """Trains byte-level BPE on `texts`, writes `out` (tokenizer.json) and returns the `HFTokenizer`."""
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
-  from bagel_jax.data.tokenizer import HFTokenizer  # pylint: disable=import-outside-toplevel
   if vocab_size < MIN_VOCAB:
     raise ValueError(f"--vocab-size {vocab_size} < {MIN_VOCAB} (the {len(SPECIAL_TOKENS)} special tokens and 256 "
                      "byte symbols of byte-level BPE)")

@@ -20,6 +20,9 @@ Scoring (`evaluate_geneval`) is GenEval's `evaluate()`: include clauses (class, 
 confident `count` objects, position of each against each of a target group by GenEval's rule with its 0.1
 margin), exclude clauses (fewer than `count`). A class is a shape, or a "colour shape" pair where a prompt
 names two objects of one shape (GenEval never does; ours may).
+
+Size (over 400 lines: detection and scoring are one contract, the detector's thresholds are tuned against the
+scoring rules, and each half is small; split they would import each other's constants).
 """
 from __future__ import annotations
 

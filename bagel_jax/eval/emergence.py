@@ -19,10 +19,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from bagel_jax import console, plots
 from bagel_jax.accelerators import use_cpu_if_no_accelerator
 from bagel_jax.eval import run as run_lib
 from bagel_jax.eval import suites as suites_lib
 from bagel_jax.inference import model as model_lib
+
+log = console.logger(__name__)
 
 PEAK_FRACTION = 0.85
 
@@ -110,8 +113,7 @@ def run_emergence(workdir: str, out_dir: Optional[str] = None, *, num_samples: i
     report = run_lib.evaluate_model(model, os.path.join(out_dir, f"step_{step}"), s, suites, vae_ceiling=False,
                                     grid=per_step_grids)
     rows.append(dict(step=step, tokens=tokens[step], **report["scores"]))
-    print(f"step {step}: tokens {tokens[step]:.4g} " + " ".join(f"{k} {v:.3f}" for k, v in report["scores"].items()),
-          flush=True)
+    log.info("step %d: tokens %.4g %s", step, tokens[step], " ".join(f"{k} {v:.3f}" for k, v in report["scores"].items()))
   names = [k for k in suites_lib.HEADLINE if k in suites and any(k in r for r in rows)]
   summary = {}
   for k in names:
@@ -133,12 +135,8 @@ def run_emergence(workdir: str, out_dir: Optional[str] = None, *, num_samples: i
 
 def plot(rows: List[Dict[str, Any]], summary: Dict[str, Any], path: str, source: str = "") -> str:
   """Score vs tokens seen, one panel per task, with the 85%-of-peak level and the tokens that reach it."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  names = list(summary)
-  fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.6 * max(1, len(names)), 3.2), squeeze=False)
-  for ax, k in zip(axes[0], names):
+
+  def draw(ax, k):
     xs = [r["tokens"] for r in rows]
     ys = [r.get(k, float("nan")) for r in rows]
     ax.plot(xs, ys, "o-", lw=1.2)
@@ -153,12 +151,9 @@ def plot(rows: List[Dict[str, Any]], summary: Dict[str, Any], path: str, source:
     ax.set_xlabel("tokens seen")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-  if source:
-    fig.suptitle(f"tokens from {source}", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+
+  return plots.panels(list(summary), path, draw, width=3.6, title=f"tokens from {source}" if source else None,
+                      title_size=8)
 
 
 def main(argv=None):

@@ -27,6 +27,7 @@ import numpy as np
 from bagel_jax.data import synthetic as S
 from bagel_jax.eval import checker as C
 from bagel_jax.inference import inferencer as inf
+from bagel_jax.inference import sampler as sampler_lib
 from bagel_jax.inference.model import LoadedModel
 
 SUITES = ("t2i", "vqa", "edit", "next_frame")  # the default evaluation
@@ -225,7 +226,6 @@ def eval_next_frame(model: LoadedModel, s: EvalSettings, capacity: int) -> Dict[
 def eval_vae_ceiling(model: LoadedModel, s: EvalSettings) -> Dict[str, Any]:
   """The T2I suite scored on ground-truth renders passed through this model's VAE (encode, decode): the best a
   perfect latent generator could score. A frozen random-init VAE scores ~0 here, which explains a zero T2I."""
-  from bagel_jax.inference import sampler as sampler_lib  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   cases = t2i_cases(s)
   size = model.gen_size[0]

@@ -30,7 +30,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bagel_jax import checkpoint as ckpt_lib
 from bagel_jax.accelerators import use_cpu_if_no_accelerator
+from bagel_jax.convert.bagel import SOURCE_FILES
 from bagel_jax.inference import inferencer as inf
 from bagel_jax.inference import model as model_lib
 from bagel_jax.models import config as config_lib
@@ -56,8 +58,6 @@ def converted_defaults(path: str) -> Dict[str, Any]:
   them: generation up to max_latent_size x latent_downsample px (min edge half of it; 512-1024 for the 7B),
   understanding up to the ViT grid x patch (min 224; 224-980). {} for anything else: a training run (its
   config.json rules) or a checkpoint without the converter's `source_files/`."""
-  from bagel_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from bagel_jax.convert.bagel import SOURCE_FILES  # pylint: disable=import-outside-toplevel
   ckpt_dir, workdir = model_lib.resolve_checkpoint_dir(path)
   if model_lib.read_run_config(workdir) is not None or not os.path.isdir(os.path.join(ckpt_dir, SOURCE_FILES)):
     return {}  # a training run, or a bare params checkpoint (its sizes: load_model's defaults)

@@ -1,7 +1,7 @@
 """Query blocks, prefill, and the three generation contexts of the official inferencer (reference §4.4, §7.1).
 
-A *block* is one item appended to a batch of request rows, laid out on the host exactly as training lays out
-the same item (`data.sequence.layout_sample`):
+A *block* is one item appended to a batch of request rows, laid out on the host by the token layout training
+uses for the same item (`bagel_jax.layout`, beneath `data.sequence.layout_sample` too):
 - text: `<|im_start|> ids <|im_end|>`, causal, consecutive RoPE ids, und expert;
 - ViT image: `<|vision_start|> patches <|vision_end|>`, full, one RoPE id for the block, und expert;
 - clean VAE image: `<|vision_start|> latents <|vision_end|>`, full, one RoPE id, latents on the gen expert at
@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bagel_jax import batch as batch_lib
-from bagel_jax.data.sequence import SpecialTokens
+from bagel_jax import layout as layout_lib
+from bagel_jax.layout import SpecialTokens
 from bagel_jax.inference import forward
 from bagel_jax.inference import kv_cache as kv_lib
 from bagel_jax.kernels.mask import CAUSAL, FULL
@@ -60,7 +61,7 @@ def _with_routing(block: Block) -> Block:
 
 def text_block(ids: Sequence[Sequence[int]], special: SpecialTokens, bucket: int = TEXT_BUCKET) -> Block:
   """`<|im_start|> ids <|im_end|>` per row, right-padded to a multiple of `bucket`."""
-  rows = [[special.bos] + [int(i) for i in r] + [special.eos] for r in ids]
+  rows = [layout_lib.text_tokens(r, special) for r in ids]
   n = np.array([len(r) for r in rows], np.int32)
   length = int(-(-n.max() // bucket) * bucket)
   text_ids = np.zeros((len(rows), length), np.int32)
@@ -73,20 +74,9 @@ def text_block(ids: Sequence[Sequence[int]], special: SpecialTokens, bucket: int
 
 
 def _image_frame(batch: int, n: int, kind: int, special: SpecialTokens) -> Block:
-  text_ids = np.zeros((batch, n + 2), np.int32)
-  text_ids[:, 0], text_ids[:, -1] = special.vision_start, special.vision_end
-  modality = np.full((batch, n + 2), kind, np.int32)
-  modality[:, 0] = modality[:, -1] = batch_lib.TEXT
-  return dict(text_ids=text_ids, modality=modality, rel_pos=np.zeros((batch, n + 2), np.int32))
-
-
-def grid_positions(grid: Tuple[int, int], side: int) -> np.ndarray:
-  """row * side + col ids of an h x w grid in raster order (the 2-D tables' layout)."""
-  h, w = grid
-  if not (0 < h <= side and 0 < w <= side):
-    raise ValueError(f"image grid {h}x{w} exceeds the model's position table of {side} per side")
-  r, c = np.divmod(np.arange(h * w), w)
-  return (r * side + c).astype(np.int32)
+  ids, modality = layout_lib.image_tokens(n, kind, special)
+  return dict(text_ids=np.broadcast_to(ids, (batch, n + 2)).copy(),
+              modality=np.broadcast_to(modality, (batch, n + 2)).copy(), rel_pos=np.zeros((batch, n + 2), np.int32))
 
 
 def vit_block(patches: np.ndarray, grid: Tuple[int, int], special: SpecialTokens, vit_side: int) -> Block:
@@ -95,9 +85,9 @@ def vit_block(patches: np.ndarray, grid: Tuple[int, int], special: SpecialTokens
   if n != grid[0] * grid[1]:
     raise ValueError(f"vit_block: {n} patches do not match grid {grid}")
   blk = _image_frame(b, n, batch_lib.VIT, special)
-  pos = np.broadcast_to(grid_positions(grid, vit_side), (b, n)).copy()
+  pos = np.broadcast_to(layout_lib.grid_positions(grid, vit_side), (b, n)).copy()
   blk.update(vit_patches=np.asarray(patches, np.float32), vit_pos=pos, vit_image=np.ones((b, n), np.int32),
-             rope_advance=np.ones(b, np.int32))
+             rope_advance=np.full(b, layout_lib.IMAGE_ROPE_ADVANCE, np.int32))
   return _with_routing(blk)
 
 
@@ -107,8 +97,9 @@ def vae_block(batch: int, grid: Tuple[int, int], special: SpecialTokens, latent_
   layout of a denoising step (the sampler supplies x_t)."""
   n = grid[0] * grid[1]
   blk = _image_frame(batch, n, batch_lib.VAE, special)
-  blk["latent_pos"] = np.broadcast_to(grid_positions(grid, latent_side), (batch, n)).copy()
-  blk["rope_advance"] = np.ones(batch, np.int32) if latents is not None else np.zeros(batch, np.int32)
+  blk["latent_pos"] = np.broadcast_to(layout_lib.grid_positions(grid, latent_side), (batch, n)).copy()
+  blk["rope_advance"] = np.full(batch, layout_lib.IMAGE_ROPE_ADVANCE if latents is not None
+                                else layout_lib.NOISY_ROPE_ADVANCE, np.int32)
   if latents is not None:
     if latents.shape[:2] != (batch, n):
       raise ValueError(f"vae_block: latents {latents.shape} do not match {batch} rows of grid {grid}")

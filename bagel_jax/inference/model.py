@@ -18,11 +18,15 @@ import jax
 import numpy as np
 
 from bagel_jax import checkpoint as ckpt_lib
+from bagel_jax import console
 from bagel_jax.data import samples as samples_lib
 from bagel_jax.data import tokenizer as tok_lib
 from bagel_jax.data import transforms as tf
-from bagel_jax.data.sequence import SpecialTokens
+from bagel_jax.layout import SpecialTokens
+from bagel_jax.models.bagel import abstract_params
 from bagel_jax.models import config as config_lib
+
+log = console.logger(__name__)
 
 DEFAULT_IMAGE_SIZE = 32  # the built-in synthetic data's side; real checkpoints pass their own sizes
 
@@ -144,7 +148,7 @@ def load_model(path: str, *, step: Optional[int] = None, use_ema: bool = True,
   expect: the architecture the caller needs (e.g. `config.get_preset('tiny')`); a checkpoint written for
     another one raises naming the differing fields. attention_impl/dtype override implementation knobs; by
     default the checkpoint's attention is kept, except that the Pallas kernel (compiled or interpreted) becomes
-    the reference attention off TPU.
+    `auto` (the tiled attention) off TPU, which is logged.
   tokenizer: a tokenizer.json path; default the run's `config.data.tokenizer`, else the synthetic vocabulary.
   image_size / gen_size / und_size: (min, max) edges of VAE / ViT inputs; default the run's data config, else
     `DEFAULT_IMAGE_SIZE`."""
@@ -154,7 +158,10 @@ def load_model(path: str, *, step: Optional[int] = None, use_ema: bool = True,
     ckpt_lib.check_compatible(saved, expect, ckpt_dir)
   cfg = saved
   if attention_impl is None and cfg.attention_impl.startswith("pallas") and jax.default_backend() != "tpu":
-    attention_impl = "auto"  # same numerics (tiled off TPU); the interpreter is for kernel tests, Mosaic needs a TPU
+    # same numerics (tiled off TPU); the interpreter is for kernel tests, Mosaic needs a TPU
+    log.info("attention_impl=%r of the checkpoint runs as 'auto' here (the tiled attention off TPU); pass "
+             "attention_impl= to choose another", cfg.attention_impl)
+    attention_impl = "auto"
   if attention_impl:
     cfg = cfg.replace(attention_impl=attention_impl)
   if dtype:
@@ -188,7 +195,6 @@ def random_params(config: config_lib.BagelConfig, seed: int = 0):
   """Random parameters of the right shapes built on the host from abstract shapes (no model trace to compile):
   weights N(0, 0.05), norm scales 1 + N(0, 0.1), VAE convs N(0, 1/fan_in); committed to the default device like
   restored weights. For tests and smoke runs."""
-  from bagel_jax.models.bagel import abstract_params  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   abstract = abstract_params(config)
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from bagel_jax.inference import forward
 from bagel_jax.inference import kv_cache as kv_lib
 from bagel_jax.inference.contexts import TRACE_COUNTS, CFGContexts, Context, vae_block
-from bagel_jax.data.sequence import SpecialTokens
+from bagel_jax.layout import SpecialTokens
 from bagel_jax.kernels.mask import NOISE
 from bagel_jax.models.bagel import shift_timesteps
 from bagel_jax.models.config import BagelConfig

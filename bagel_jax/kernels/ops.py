@@ -1,8 +1,8 @@
 """Entry points of the Pallas attention: validation, padding, block tables, custom VJP, shard_map, registry.
 
-`flash_attention` has the signature of `reference_attention` plus kernel options. Importing this module
-registers `attention_impl="pallas"` (compiled for TPU) and `"pallas_interpret"` (the same kernels under
-`pltpu.InterpretParams()`, for CPU tests). Inside `jit` under `jax.set_mesh(mesh)` both run the kernel under
+`flash_attention` has the signature of `reference_attention` plus kernel options. `pallas_attention` and
+`pallas_interpret_attention` are `attention_impl="pallas"` (compiled for TPU) and `"pallas_interpret"` (the same
+kernels under `pltpu.InterpretParams()`, for CPU tests) in the registry of `kernels.attention`. Inside `jit` under `jax.set_mesh(mesh)` both run the kernel under
 `shard_map`: batch over whichever of ('data', 'fsdp') the mesh has and heads over 'tensor' where they divide
 (replicated otherwise), as splash attention is run. `cached_attention` is the sampler's variant: queries
 against a KV cache plus themselves.
@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
-from bagel_jax.kernels import attention as attention_lib
 from bagel_jax.kernels import block_tables as tables_lib
 from bagel_jax.kernels import mask as mask_lib
 from bagel_jax.kernels import pallas_attention as pk
@@ -275,7 +274,7 @@ def cached_attention(q, k, v, q_meta: mask_lib.TokenMeta, k_cache, v_cache, cach
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Registration.
+# The registry entries (kernels.attention imports them by name on first use).
 # ----------------------------------------------------------------------------------------------------------
 
 def _sharded(q, k, v, q_meta, kv_meta, *, scale, interpret):
@@ -294,7 +293,3 @@ def pallas_attention(q, k, v, q_meta, kv_meta, *, scale=None):
 def pallas_interpret_attention(q, k, v, q_meta, kv_meta, *, scale=None):
   """attention_impl="pallas_interpret": the same kernels under the TPU-semantics interpreter (CPU)."""
   return _sharded(q, k, v, q_meta, kv_meta, scale=scale, interpret=True)
-
-
-attention_lib.register("pallas", pallas_attention)
-attention_lib.register("pallas_interpret", pallas_interpret_attention)

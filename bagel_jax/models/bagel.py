@@ -121,13 +121,14 @@ class Bagel(nn.Module):
     h = self.vae2llm(x_t) + self.time_embedder(t) + pos_emb.astype(layers.dtype_of(c.dtype))
     return layers.constrain(h, _ACT)
 
-  def embed_row(self, batch, latent_emb):
-    """Assembles the packed row: text embeddings, ViT and latent embeddings in their positions."""
+  def embed_row(self, batch, latent_emb=None):
+    """Assembles a row (a packed training row, or an inference block): text embeddings, ViT embeddings at the
+    VIT positions (when the row has ViT tokens) and `latent_emb` at the VAE positions (None: no latents)."""
     x = self.llm.embed(batch["text_ids"])
-    if batch["vit_patches"].shape[1]:
+    if "vit_patches" in batch and batch["vit_patches"].shape[1]:
       vit = self.embed_vit(batch["vit_patches"], batch["vit_pos"], batch["vit_image"])
       x = scatter_in_order(x, vit, batch["modality"] == batch_lib.VIT)
-    if latent_emb.shape[1]:
+    if latent_emb is not None and latent_emb.shape[1]:
       x = scatter_in_order(x, latent_emb, batch["modality"] == batch_lib.VAE)
     if self.config.freeze_und:
       x = jnp.where((batch["modality"] == batch_lib.VAE)[..., None], x, jax.lax.stop_gradient(x))
@@ -206,8 +207,8 @@ class Bagel(nn.Module):
 
 def init_batch(config: BagelConfig) -> Dict[str, jnp.ndarray]:
   """A minimal all-padding batch: parameter shapes never depend on the batch shapes."""
-  spec = batch_lib.BatchSpec(batch_size=1, seq_len=8, vit_capacity=1, latent_capacity=1, image_capacity=1,
-                             vit_patch_dim=config.vit.patch_dim, latent_dim=config.latent_channels)
+  spec = batch_lib.BatchSpec.for_model(config, batch_size=1, seq_len=8, vit_capacity=1, latent_capacity=1,
+                                      image_capacity=1)
   return {k: jnp.asarray(v) for k, v in spec.empty().items()}
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-LAYER_VARIANTS = ("dense", "moe", "mot", "moe_topk")
+from bagel_jax.models import variants
+
+LAYER_VARIANTS = variants.NAMES  # one module each under models/variants/
 ATTENTION_IMPLS = ("reference", "tiled", "pallas", "pallas_interpret", "auto")
 REMAT_POLICIES = ("none", "full", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "minimal", "offload_layer_inputs")
@@ -60,7 +62,7 @@ class LLMConfig:
   def __post_init__(self):
     _check_positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                     "intermediate_size", "num_experts", "experts_per_token")
-    _check_choice(self, "layer_variant", LAYER_VARIANTS)
+    _check_choice(self, "layer_variant", tuple(variants.REGISTRY))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"LLMConfig.num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads} (GQA)")
@@ -75,7 +77,7 @@ class LLMConfig:
   @property
   def num_modality_experts(self) -> int:
     """How many hard-routed weight sets (und, gen) the layers stack: 1 for dense/moe_topk, 2 otherwise."""
-    return 2 if self.layer_variant in ("moe", "mot") else 1
+    return variants.get(self.layer_variant).experts.most
 
   @property
   def moe_intermediate_size(self) -> int:

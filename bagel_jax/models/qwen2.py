@@ -1,8 +1,14 @@
-"""Qwen2 decoder with BAGEL's layer variants: dense, MoE (FFN expert), MoT (all-parameter expert), top-k MoE.
+"""Qwen2 decoder with BAGEL's layer variants (models/variants/: dense, moe, mot, moe_topk, one module each).
 
 Hard-routed variants store the two weight sets (und = index 0, gen = index 1) stacked on a leading
 `modality` axis; the official `X` / `X_moe_gen` pairs map to [0] / [1]. All tokens share one joint attention
-under the generalized causal mask. Parameter names follow `modeling/bagel/qwen2_navit.py`.
+under the generalized causal mask, through the one attention registry (`kernels.attention`). Parameter names
+follow `modeling/bagel/qwen2_navit.py`.
+
+One decoder layer serves training and cached decoding (the official `forward_inference`), as MaxText's model
+modes do: `DecoderLayer(x, ..., cache=None)` runs a packed row; with `cache=(k_cache, v_cache, cache_meta)` the
+block's queries attend to the cached keys plus its own, and the layer also returns the block's K (after the
+k-norm and RoPE) and V for the cache.
 """
 from __future__ import annotations
 
@@ -16,18 +22,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from bagel_jax.kernels import attention as attention_lib
 from bagel_jax.kernels import mask as mask_lib
-from bagel_jax.models import layers
+from bagel_jax.models import layers, variants
 from bagel_jax.models.config import BagelConfig
 from bagel_jax.models.routing import Routing
 
 EMBED = "embed"
-
-
-def expert_counts(variant: str) -> dict:
-  """How many hard-routed weight sets each block of a layer has."""
-  mot = variant == "mot"
-  return dict(attn=2 if mot else 1, mlp=2 if variant in ("mot", "moe") else 1,
-              final_norm=2 if variant in ("mot", "moe") else 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,7 +95,7 @@ class ExpertRMSNorm(nn.Module):
     return [layers.rms_norm(x, w[e] if self.num > 1 else w, self.eps) for e, x in enumerate(xs)]
 
 
-def _stop_und(xs, freeze: bool):
+def stop_und(xs, freeze: bool):
   """`freeze_und`: detach the und-expert buffer (index 0) so no gradient reaches und parameters."""
   if freeze and len(xs) == 2:
     return [jax.lax.stop_gradient(xs[0]), xs[1]]
@@ -108,8 +107,7 @@ def _stop_und(xs, freeze: bool):
 # ----------------------------------------------------------------------------------------------------------
 
 def expert_qkv(c: BagelConfig, num: int, hs):
-  """Per-expert q/k/v projections (+ QK-RMSNorm) of the expert buffers `hs`. Called inside a compact
-  `__call__` (training `Attention`, inference `CachedAttention`), so both own the same parameter names."""
+  """Per-expert q/k/v projections (+ QK-RMSNorm) of the expert buffers `hs` (inside `Attention`)."""
   lc = c.llm
   kw = dict(num=num, dtype=c.dtype, param_dtype=c.param_dtype)
   d = (lc.hidden_size,)
@@ -134,24 +132,30 @@ def expert_o_proj(c: BagelConfig, num: int, routing: Routing, out):
 
 
 class Attention(nn.Module):
+  """Joint attention of all tokens; `cache` = (k_cache, v_cache, cache_meta): the queries (`meta`) attend to the
+  cached keys plus the block's own, and (out, k, v) is returned."""
   config: BagelConfig
   num: int
 
   @nn.compact
-  def __call__(self, hs, routing: Routing, cos, sin, meta: mask_lib.TokenMeta):
+  def __call__(self, hs, routing: Routing, cos, sin, meta: mask_lib.TokenMeta, cache=None):
     c, lc = self.config, self.config.llm
     q, k, v = expert_qkv(c, self.num, hs)
-    q, k, v = (_stop_und(t, c.freeze_und) for t in (q, k, v))
+    q, k, v = (stop_und(t, c.freeze_und) for t in (q, k, v))
     q, k, v = routing.combine(q), routing.combine(k), routing.combine(v)
     q = layers.constrain(apply_rope(q, cos, sin), ("activation_batch", "activation_length", "activation_heads",
                                                   "head_dim"))
     k = layers.constrain(apply_rope(k, cos, sin), ("activation_batch", "activation_length",
                                                   "activation_kv_heads", "head_dim"))
     v = layers.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "head_dim"))
-    out = attention_lib.attention(q, k, v, meta, meta, impl=c.attention_impl,
-                                  scale=1.0 / math.sqrt(lc.head_dim))
+    scale = 1.0 / math.sqrt(lc.head_dim)
+    if cache is None:
+      out = attention_lib.attention(q, k, v, meta, meta, impl=c.attention_impl, scale=scale)
+    else:
+      out = attention_lib.attention_with_cache(q, k, v, meta, *cache, impl=c.attention_impl, scale=scale)
     out = checkpoint_name(out, "attn_out")
-    return _stop_und(expert_o_proj(c, self.num, routing, out), c.freeze_und)
+    o = stop_und(expert_o_proj(c, self.num, routing, out), c.freeze_und)
+    return o if cache is None else (o, k, v)
 
 
 class SwiGLU(nn.Module):
@@ -172,95 +176,32 @@ class SwiGLU(nn.Module):
                         **kw)(act)
 
 
-class TopKMoE(nn.Module):
-  """Token-choice top-k MoE FFN with a learned router, per-row expert capacity and the Switch load-balancing
-  loss. Tokens over capacity skip the FFN (residual only) and are counted.
-
-  Capacity per row C = ceil(capacity_factor * k * L / X); the expert matmuls run on X * C slots, so active
-  FLOPs per token are k * F_e * capacity_factor of one FFN of width F_e.
-  """
-  config: BagelConfig
-
-  @nn.compact
-  def __call__(self, x, valid):
-    c, lc = self.config, self.config.llm
-    b, l, d = x.shape
-    n_exp, k, f = lc.num_experts, lc.experts_per_token, lc.moe_intermediate_size
-    cap = max(1, int(math.ceil(lc.capacity_factor * k * l / n_exp)))
-    pdt, dt = layers.dtype_of(c.param_dtype), layers.dtype_of(c.dtype)
-    router = layers.param(self, "router", layers.normal_init, (d, n_exp), (EMBED, "exp"), pdt)
-    logits = jnp.einsum("bld,de->ble", x.astype(jnp.float32), router.astype(jnp.float32))
-    probs = jax.nn.softmax(logits, axis=-1)
-    top_p, top_i = jax.lax.top_k(probs, k)  # [B, L, k]
-    gates = top_p / jnp.sum(top_p, -1, keepdims=True) if k > 1 else top_p
-    onehot = jax.nn.one_hot(top_i, n_exp, dtype=jnp.int32) * valid[..., None, None].astype(jnp.int32)
-    flat = onehot.reshape(b, l * k, n_exp)
-    pos_in_expert = (jnp.cumsum(flat, axis=1) - 1) * flat
-    pos_in_expert = jnp.sum(pos_in_expert, -1).reshape(b, l, k)
-    keep = (pos_in_expert < cap) & valid[..., None]
-    slot = jnp.where(keep, top_i * cap + pos_in_expert, n_exp * cap)  # out of range = dropped
-
-    def scatter_row(xr, sr):
-      src = jnp.repeat(xr, k, axis=0)
-      return jnp.zeros((n_exp * cap, d), xr.dtype).at[sr.reshape(-1)].set(src, mode="drop")
-
-    buf = jax.vmap(scatter_row)(x.astype(dt), slot).reshape(b, n_exp, cap, d)
-    w_gate = layers.param(self, "gate_proj", layers.normal_init, (n_exp, d, f), ("exp", EMBED, "mlp"), pdt)
-    w_up = layers.param(self, "up_proj", layers.normal_init, (n_exp, d, f), ("exp", EMBED, "mlp"), pdt)
-    w_down = layers.param(self, "down_proj", layers.normal_init, (n_exp, f, d), ("exp", "mlp", EMBED), pdt)
-    h = jax.nn.silu(jnp.einsum("becd,edf->becf", buf, w_gate.astype(dt)))
-    h = h * jnp.einsum("becd,edf->becf", buf, w_up.astype(dt))
-    out = jnp.einsum("becf,efd->becd", h, w_down.astype(dt)).reshape(b, n_exp * cap, d)
-    gathered = jnp.take_along_axis(out, jnp.minimum(slot, n_exp * cap - 1).reshape(b, l * k, 1), axis=1)
-    gathered = gathered.reshape(b, l, k, d) * (gates * keep).astype(dt)[..., None]
-    y = jnp.sum(gathered, axis=2)
-
-    n_valid = jnp.maximum(jnp.sum(valid), 1)
-    frac_tokens = jnp.sum(onehot, axis=(0, 1, 2)) / (n_valid * k)
-    frac_probs = jnp.sum(probs * valid[..., None], axis=(0, 1)) / n_valid
-    aux = {"router_aux_loss": n_exp * jnp.sum(frac_tokens * frac_probs),
-           "router_dropped": jnp.sum(valid[..., None] & ~keep).astype(jnp.float32)}
-    return y, aux
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Decoder layer and stack.
 # ----------------------------------------------------------------------------------------------------------
 
-def post_attention_mlp(c: BagelConfig, x, routing: Routing, valid):
-  """The layer's second half, post-attention norm then MLP, per layer variant (inside a compact `__call__`, so
-  training and cached decoding own the same parameters). Returns (y, aux losses); `valid`: non-padding tokens."""
-  lc = c.llm
-  n = expert_counts(lc.layer_variant)
-  if lc.layer_variant == "moe_topk":
-    h = ExpertRMSNorm(1, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")([x])[0]
-    return TopKMoE(c, name="mlp")(h, valid)
-  if n["attn"] == 2:   # mot: routed norm, routed MLP
-    hs = ExpertRMSNorm(2, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")(
-        routing.dispatch(x, 2))
-  else:                # dense / moe: shared norm, then (moe) routed MLP
-    h = ExpertRMSNorm(1, lc.hidden_size, EMBED, lc.rms_norm_eps, name="post_attention_layernorm")([x])[0]
-    hs = routing.dispatch(h, n["mlp"])
-  return routing.combine(_stop_und(SwiGLU(c, n["mlp"], name="mlp")(hs), c.freeze_und)), {}
-
-
 class DecoderLayer(nn.Module):
+  """One layer of the variant: (x, aux losses) for a packed row, or (x, (k, v)) for a block decoded against
+  `cache` (see the module docstring)."""
   config: BagelConfig
 
   @nn.compact
-  def __call__(self, x, routing: Routing, cos, sin, meta: mask_lib.TokenMeta):
+  def __call__(self, x, routing: Routing, cos, sin, meta: mask_lib.TokenMeta, cache=None):
     c, lc = self.config, self.config.llm
-    n = expert_counts(lc.layer_variant)
+    variant = variants.get(lc.layer_variant)
+    n = variant.experts.attn
     act_axes = ("activation_batch", "activation_length", "activation_embed")
     x = checkpoint_name(layers.constrain(x, act_axes), "layer_input")  # what "offload_layer_inputs" sends to host
-    hs = ExpertRMSNorm(n["attn"], lc.hidden_size, EMBED, lc.rms_norm_eps, name="input_layernorm")(
-        routing.dispatch(x, n["attn"]))
-    o = Attention(c, n["attn"], name="self_attn")(hs, routing, cos, sin, meta)
+    hs = ExpertRMSNorm(n, lc.hidden_size, EMBED, lc.rms_norm_eps, name="input_layernorm")(routing.dispatch(x, n))
+    o = Attention(c, n, name="self_attn")(hs, routing, cos, sin, meta, cache)
+    if cache is not None:
+      o, k, v = o
     x = x + routing.combine(o)
 
-    y, aux = post_attention_mlp(c, x, routing, meta.document > 0)
+    y, aux = variant.post_attention(c, x, routing, meta.document > 0)
     y = checkpoint_name(y, "mlp_out")
-    return layers.constrain(x + y, act_axes), aux
+    x = layers.constrain(x + y, act_axes)
+    return (x, aux) if cache is None else (x, (k, v))
 
 
 class Qwen2LM(nn.Module):
@@ -281,7 +222,7 @@ class Qwen2LM(nn.Module):
           metadata_params={nn.PARTITION_NAME: "layers"})(c)
     else:
       self.layers = [block(c, name=f"layers_{i}") for i in range(lc.num_layers)]
-    self.norm = ExpertRMSNorm(expert_counts(lc.layer_variant)["final_norm"], lc.hidden_size, EMBED,
+    self.norm = ExpertRMSNorm(variants.get(lc.layer_variant).experts.final_norm, lc.hidden_size, EMBED,
                               lc.rms_norm_eps)
     self.lm_head = LMHead(c)
 
@@ -301,8 +242,8 @@ class Qwen2LM(nn.Module):
         x, a = layer(x, routing, cos, sin, meta)
         aux_list.append(a)
       aux = jax.tree.map(lambda *a: sum(a), *aux_list) if aux_list and aux_list[0] else {}
-    num = expert_counts(lc.layer_variant)["final_norm"]
-    h = routing.combine(_stop_und(self.norm(routing.dispatch(x, num)), self.config.freeze_und))
+    num = variants.get(lc.layer_variant).experts.final_norm
+    h = routing.combine(stop_und(self.norm(routing.dispatch(x, num)), self.config.freeze_und))
     return h, aux
 
   def text_logits(self, ids):

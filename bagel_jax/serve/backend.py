@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from bagel_jax.data import transforms as tf
 from bagel_jax.inference import inferencer as inf
 from bagel_jax.inference import model as model_lib
+from bagel_jax.train import metrics as metrics_lib
 
 # Uploads above this many pixels are refused with a message (the model resizes inputs to at most its own
 # image size anyway; a 6k x 6k photo is fine, a decompression bomb is not). Gradio also caps the upload's bytes.
@@ -176,7 +177,6 @@ class Backend:
       info["loss_curves"] = png
     elif rows:
       try:  # a run without the PNG yet (still training): plot its metrics now
-        from bagel_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
         info["loss_curves"] = metrics_lib.plot_curves(metrics_path, os.path.join(self._plot_dir, "loss_curves.png"))
       except Exception:  # pylint: disable=broad-except
         info["loss_curves"] = None

@@ -17,7 +17,6 @@ counter and the data iterator's state, so a restore resumes exactly where the ru
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import traceback
 from typing import Any, List, Optional, Tuple
@@ -26,11 +25,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from bagel_jax import console
 from bagel_jax import checkpoint as ckpt_lib
 from bagel_jax.models.config import BagelConfig
 from bagel_jax.train.errors import UnreadableCheckpointsError, write_failed
 
-log = logging.getLogger(__name__)
+log = console.logger(__name__)
 
 ITEMS = ("params", "opt_state", "ema", "train", "data_iter")
 SET_ASIDE = "set_aside"
@@ -136,7 +136,7 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         if data_iter is not None:
           data_iter.set_state(before)  # a partly applied restore must not move the input
-        print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable ({_one_line(e)})", flush=True)
+        log.warning("checkpoint step %d in %s is unreadable (%s)", step, self.directory, _one_line(e))
         failed.append((step, e))
         continue
       for bad, e in failed:
@@ -174,9 +174,7 @@ class Checkpointer:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices(f"bagel_set_aside_{step}")
     self.manager.reload()
-    log.warning("checkpoint step %d set aside as %s (%s)", step, dest, _one_line(exc))
-    print(f"WARNING: set aside unreadable checkpoint step {step} as {dest} (why: {_one_line(exc)}; "
-          f"{outcome})", flush=True)
+    log.warning("set aside unreadable checkpoint step %d as %s (why: %s; %s)", step, dest, _one_line(exc), outcome)
     return dest
 
   def close(self, quiet: bool = False):

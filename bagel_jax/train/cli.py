@@ -5,6 +5,7 @@
 Examples:
   bagel-train --config experiments/bagel_7b/pretrain.py:model=tiny,steps=300 --workdir workdirs/pt
   bagel-train --config experiments/tiny/random_smoke.py:steps=20 --workdir /tmp/smoke --config.optim.lr=3e-4
+  bagel-train --config experiments/tiny/vae.py --workdir workdirs/tiny_vae    # a VAE recipe (config.recipe="vae")
 
 Flags:
   --config FILE[:ARG]   experiment config file; ARG is its typed comma list (e.g. model=tiny,steps=300; each
@@ -32,6 +33,7 @@ import threading
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from bagel_jax import console
 from bagel_jax.accelerators import use_cpu_if_no_accelerator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].", lock_config=True)
@@ -141,7 +143,9 @@ def _route_background_errors(workdir: str) -> str:
   handler.setLevel(std_logging.WARNING)
   handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
   std_logging.getLogger().addHandler(handler)
+  console.add_handler(handler)  # the package's own warnings too
   logging.get_absl_handler().addFilter(_ConsoleFilter())
+  console.add_console_filter(_ConsoleFilter().filter)
   # TensorStore completes failed writes on its own threads and prints their Python errors ("Event loop is
   # closed", one per array) through sys.excepthook / sys.unraisablehook: file them too. The main thread's own
   # errors still print.
@@ -180,14 +184,18 @@ def _main(argv):
   if config is None or not _WORKDIR.value:
     _fail(f"--config and --workdir are required. Run `{PROG} --help` for usage.", 2)
   if not any(a.startswith(("--verbosity", "-v=")) for a in sys.argv):
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every rename at INFO; our own progress is printed
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every rename at INFO; ours goes through bagel_jax.console
   initialize_distributed(config.distributed)
-  from bagel_jax.train import trainer  # pylint: disable=import-outside-toplevel
-  from bagel_jax.train.errors import TrainingFault  # pylint: disable=import-outside-toplevel
+  # imported after jax.distributed.initialize: their module-level JAX work must not start the backend first
+  from bagel_jax.train import errors, trainer, vae_recipe  # pylint: disable=import-outside-toplevel
+  recipes = {"bagel": lambda c, w: trainer.train(c, w, start_over=_START_OVER.value), "vae": vae_recipe.train}
+  recipe = config.get("recipe", "bagel")  # experiments/{tiny,own_data}/vae.py: the VAE's own loop
+  if recipe not in recipes:
+    _fail(f"config.recipe={recipe!r} is not one of {sorted(recipes)}", 2)
   log_path = _route_background_errors(_WORKDIR.value)
   try:
-    trainer.train(config, _WORKDIR.value, start_over=_START_OVER.value)
-  except TrainingFault as e:
+    recipes[recipe](config, _WORKDIR.value)
+  except errors.TrainingFault as e:
     more = f" (details: {log_path})" if os.path.exists(log_path) and os.path.getsize(log_path) else ""
     _fail(f"{e}{more}", 1)
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from bagel_jax.batch import PAD
 from bagel_jax.kernels.mask import NOISE
+from bagel_jax.models import variants
 from bagel_jax.models.config import BagelConfig
 from bagel_jax.parallel.topology import peak_flops
 
@@ -56,10 +57,7 @@ def allowed_pairs_per_row(document: np.ndarray, split: np.ndarray, mode: np.ndar
 def llm_layer_params(cfg: BagelConfig) -> float:
   lc = cfg.llm
   attn = lc.hidden_size * (lc.num_heads + 2 * lc.num_kv_heads) * lc.head_dim + lc.num_heads * lc.head_dim * lc.hidden_size
-  if lc.layer_variant == "moe_topk":
-    mlp = lc.experts_per_token * 3 * lc.hidden_size * lc.moe_intermediate_size + lc.hidden_size * lc.num_experts
-  else:
-    mlp = 3 * lc.hidden_size * lc.intermediate_size
+  mlp = variants.get(lc.layer_variant).mlp_params(lc)  # the variant's active FFN per token
   return float(attn + mlp)
 
 

@@ -14,9 +14,11 @@ import jax
 import numpy as np
 
 from bagel_jax import batch as batch_lib
-from bagel_jax.data import examples
+from bagel_jax.data import examples, pipeline
+from bagel_jax.layout import LayoutConfig
 from bagel_jax.models.config import BagelConfig
 from bagel_jax.parallel import rules as rules_lib
+from bagel_jax.train.config import RunConfig
 
 
 class RandomInput:
@@ -53,16 +55,16 @@ class RandomInput:
     pass
 
 
-def make_input(config, model_cfg: BagelConfig, local_spec: batch_lib.BatchSpec, process_index: int,
-               process_count: int):
-  """Builds the host-local iterator named by `config.data.source`."""
-  source = config.data.source
-  if source == "random":
-    return RandomInput(model_cfg, local_spec, int(config.data.seed), process_index)
-  if source in ("synthetic", "pipeline"):
-    from bagel_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-    return pipeline.make_training_input(config, model_cfg, local_spec, process_index, process_count)
-  raise ValueError(f"config.data.source={source!r} is not one of 'random', 'synthetic', 'pipeline'")
+def make_input(run: RunConfig, local_spec: batch_lib.BatchSpec, process_index: int, process_count: int):
+  """The host-local iterator of `run.source`: random batches, or the Grain pipeline over `run.data` (its
+  sources opened once and checked against the batch)."""
+  if run.source == "random":
+    return RandomInput(run.model, local_spec, run.data_seed, process_index)
+  if run.data is None:
+    raise ValueError(f"config.data.source={run.source!r}: the data config was not resolved (resolve(with_data=True))")
+  return pipeline.make_training_input(run.data, local_spec, LayoutConfig.from_model_config(run.model),
+                                      vocab_size=run.model.llm.vocab_size, process_index=process_index,
+                                      process_count=process_count)
 
 
 def to_global(local_batch: Dict[str, np.ndarray], mesh) -> Dict[str, Any]:

@@ -10,18 +10,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 import os
-import sys
+
 import time
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from bagel_jax import console, plots
 from bagel_jax.train import errors
 
-log = logging.getLogger(__name__)
+log = console.logger(__name__)
 
 
 class JsonlCsvWriter:
@@ -185,37 +185,27 @@ def read_jsonl(path: str) -> List[Dict[str, float]]:
       rows.append(json.loads(line))
     except json.JSONDecodeError as e:
       if j == len(numbered) - 1:
-        log.warning("%s: dropped a torn last line %d (%r...): the run that wrote it stopped mid-write", path,
-                    lineno, line[:60])
-        print(f"WARNING: {path}: dropped a torn last line {lineno} (written by a run that stopped mid-write); "
-              f"the {len(rows)} lines before it are kept", file=sys.stderr, flush=True)
+        log.warning("%s: dropped a torn last line %d (%r...: written by a run that stopped mid-write); the %d "
+                    "lines before it are kept", path, lineno, line[:60], len(rows))
         break
       raise ValueError(f"{path}:{lineno}: not a JSON line ({e}); only a torn last line is dropped") from e
   return rows
 
 
 class Progress:
-  """One log line per report with throughput and ETA; a carriage-return bar in between on a terminal."""
+  """One status line per report (step, the chosen metrics, ETA), logged; the package's progress bars are tqdm's
+  (denoising steps, conversions), a training run reports in lines."""
 
-  def __init__(self, total_steps: int, start_step: int = 0, stream=None):
+  def __init__(self, total_steps: int, start_step: int = 0):
     self.total = total_steps
     self.start_step = start_step
     self.t0 = time.time()
-    self.stream = stream or sys.stdout
-    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
   def eta(self, step: int) -> float:
     done = step - self.start_step
     if done <= 0:
       return float("nan")
     return (time.time() - self.t0) / done * (self.total - step)
-
-  def tick(self, step: int):
-    if self.tty:
-      frac = step / max(self.total, 1)
-      bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-      self.stream.write(f"\r[{bar}] {step}/{self.total} eta {_fmt(self.eta(step))}")
-      self.stream.flush()
 
   def report(self, step: int, metrics: Mapping[str, float], keys: Sequence[str]):
     parts = [f"step {step}/{self.total}"]
@@ -224,8 +214,7 @@ class Progress:
         v = metrics[k]
         parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
     parts.append(f"eta {_fmt(self.eta(step))}")
-    self.stream.write(("\r" if self.tty else "") + "  ".join(parts) + "\n")
-    self.stream.flush()
+    log.info("  ".join(parts))
 
 
 def _fmt(seconds: float) -> str:
@@ -239,15 +228,12 @@ def _fmt(seconds: float) -> str:
 def plot_curves(jsonl_path: str, out_png: str, keys: Sequence[str] = ("loss", "ce", "mse"),
                 title: Optional[str] = None) -> str:
   """Loss curves (one panel per key) from metrics.jsonl."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   rows = read_jsonl(jsonl_path)
   # Prefer the per-log-window means (trainer.window_means) over the last step's value: smoother, same scale.
   keys = [f"{k}_avg" if any(f"{k}_avg" in r for r in rows) else k for k in keys]
   keys = [k for k in keys if any(k in r for r in rows)]
-  fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.2 * max(1, len(keys)), 3.2), squeeze=False)
-  for ax, k in zip(axes[0], keys):
+
+  def draw(ax, k):
     pts = [(r["step"], r[k]) for r in rows if k in r and math.isfinite(r[k])]
     if pts:
       x, y = zip(*pts)
@@ -255,9 +241,5 @@ def plot_curves(jsonl_path: str, out_png: str, keys: Sequence[str] = ("loss", "c
     ax.set_title(k)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=110)
-  plt.close(fig)
-  return out_png
+
+  return plots.panels(keys, out_png, draw, title=title)

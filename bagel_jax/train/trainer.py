@@ -4,12 +4,14 @@ Order of business (big_vision's train.py layout): validate config -> mesh and ru
 and shardings -> sharded init or restore -> jitted step -> loop (metrics, checkpoints, preemption, NaN stop)
 -> curves. The step is compiled with explicit in/out shardings (pjit) under `jax.set_mesh` and the logical
 axis rules, so the same code runs on one CPU and on a multi-slice pod.
+
+Size (over 400 lines: the loop reads top to bottom in one file, big_vision's train.py style; the typed config
+is train/config.py, the input train/inputs.py, checkpoints train/checkpointing.py, metrics train/metrics.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import signal
@@ -20,9 +22,9 @@ from typing import Any, Dict, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from bagel_jax import console
 from bagel_jax import batch as batch_lib
 from bagel_jax import checkpoint as ckpt_lib
 from bagel_jax.models import bagel as bagel_lib
@@ -31,11 +33,13 @@ from bagel_jax.models.flux_vae import init_vae_params
 from bagel_jax.parallel import mesh as mesh_lib
 from bagel_jax.parallel import rules as rules_lib
 from bagel_jax.train import checkpointing, flops as flops_lib, inputs, metrics as metrics_lib
+from bagel_jax.train import config as train_config
 from bagel_jax.train import optimizer as opt_lib
+from bagel_jax.train import vae_pretrain
 from bagel_jax.train.errors import TrainingFault
 from bagel_jax.train.step import TrainState, init_state, make_train_step
 
-log = logging.getLogger(__name__)
+log = console.logger(__name__)
 
 
 class NonFiniteLossError(TrainingFault):
@@ -43,127 +47,6 @@ class NonFiniteLossError(TrainingFault):
   finiteness check, so the newest one is the last good one."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Config -> model config, batch spec; validation.
-# ----------------------------------------------------------------------------------------------------------
-
-def build_model_config(config) -> config_lib.BagelConfig:
-  m = config.model
-  kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention_impl=m.attention_impl,
-            remat_policy=m.remat_policy, scan_layers=m.scan_layers, routing=m.routing,
-            ce_chunk_size=m.ce_chunk_size, freeze_und=m.freeze_und, scan_unroll=m.get("scan_unroll", 1))
-  cfg = config_lib.get_preset(m.preset, m.variant, **kw)
-  if m.get("max_latent_size", 0):
-    cfg = cfg.replace(max_latent_size=int(m.max_latent_size))
-  for key, value in dict(m.get("llm_overrides", {}) or {}).items():
-    cfg = cfg.replace_llm(**{key: value})
-  if m.get("vit_layers", 0):
-    cfg = cfg.replace(vit=dataclasses.replace(cfg.vit, num_layers=int(m.vit_layers)))
-  return cfg
-
-
-def build_batch_spec(config, model_cfg: config_lib.BagelConfig, batch_size: Optional[int] = None):
-  b = config.batch
-  try:
-    return batch_lib.BatchSpec(
-        batch_size=int(batch_size or b.batch_size), seq_len=int(b.seq_len), vit_capacity=int(b.vit_capacity),
-        latent_capacity=int(b.latent_capacity), image_capacity=int(b.image_capacity),
-        vit_patch_dim=model_cfg.vit.patch_dim, latent_dim=model_cfg.latent_channels,
-        und_capacity=int(b.und_capacity) or None, ce_capacity=int(b.ce_capacity) or None,
-        vae_image_capacity=int(b.vae_image_capacity), vae_image_size=int(b.vae_image_size),
-        latent_downsample=model_cfg.latent_downsample)
-  except ValueError as e:
-    raise ValueError(f"config.batch: {e}".replace("BatchSpec.", "config.batch.")) from e
-
-
-def check_schema(config, reference, prefix: str = "config") -> None:
-  """Unknown keys and wrong types against the base config (what `lock_config` enforces on the CLI)."""
-  for key in config.keys():
-    name = f"{prefix}.{key}"
-    if key not in reference:
-      raise ValueError(f"{name}: unknown config key (known: {sorted(reference.keys())})")
-    got, want = config[key], reference[key]
-    if isinstance(want, ml_collections.ConfigDict):
-      if not isinstance(got, (ml_collections.ConfigDict, dict)):
-        raise ValueError(f"{name}: expected a config dict, got {type(got).__name__}")
-      if prefix == "config" and key in ("data",):
-        continue  # the data config is owned by the data source
-      if key in ("ici", "dcn", "llm_overrides"):
-        continue  # free-form maps, checked where used
-      check_schema(got, want, name)
-    elif want is not None and not isinstance(got, type(want)) and not (
-        isinstance(want, float) and isinstance(got, int) and not isinstance(got, bool)):
-      raise ValueError(f"{name}={got!r}: expected {type(want).__name__}, got {type(got).__name__}")
-
-
-VAE_INITS = ("random", "synthetic")
-
-
-def vae_image_size(config) -> int:
-  return int(config.batch.vae_image_size) or int(config.data.get("image_size", 0) or 0)
-
-
-def validate_config(config, n_devices: int, process_count: int, check_data: bool = True) -> None:
-  from experiments.common import base_config  # pylint: disable=import-outside-toplevel
-  check_schema(config, base_config())
-  o = config.optim
-  if o.grad_accum < 1:
-    raise ValueError(f"config.optim.grad_accum={o.grad_accum} must be >= 1")
-  if o.lr < 0 or o.warmup_steps < 0:
-    raise ValueError("config.optim.lr and config.optim.warmup_steps must be >= 0")
-  if not 0.0 <= o.ema_decay < 1.0:
-    raise ValueError(f"config.optim.ema_decay={o.ema_decay} must be in [0, 1) (0 disables EMA)")
-  if o.schedule not in ("constant", "cosine"):
-    raise ValueError(f"config.optim.schedule={o.schedule!r} is not 'constant' or 'cosine'")
-  if config.loss.ce_weight < 0 or config.loss.mse_weight < 0 or config.loss.timestep_shift <= 0:
-    raise ValueError("config.loss: weights must be >= 0 and timestep_shift > 0")
-  if config.train.steps < 1 or config.train.log_every < 1 or config.train.checkpoint_every < 1:
-    raise ValueError("config.train.steps, log_every and checkpoint_every must be >= 1")
-  if config.init.vae not in VAE_INITS and not os.path.exists(config.init.vae):
-    raise ValueError(f"config.init.vae={config.init.vae!r} is not one of {VAE_INITS} or an existing VAE checkpoint "
-                     "path (experiments/own_data/vae.py workdir, bagel-convert flux-ae output, .npz)")
-  if config.init.vae_steps < 0:
-    raise ValueError(f"config.init.vae_steps={config.init.vae_steps} must be >= 0 (0: the default)")
-  if config.init.vae == "synthetic" and not vae_image_size(config):
-    raise ValueError("config.init.vae='synthetic' needs config.batch.vae_image_size or config.data.image_size "
-                     "(the resolution the VAE is pretrained at)")
-  ici = dict(config.mesh.ici)
-  dcn = dict(config.mesh.dcn)
-  n_slices = int(dcn.get("data", 1))
-  if n_devices % n_slices:
-    raise ValueError(f"config.mesh.dcn.data={n_slices} does not divide the {n_devices} devices")
-  sizes = mesh_lib.resolve_axes(ici, n_devices // n_slices, "ici")
-  rules_lib.get_rules(config.mesh.rules)
-  batch_axes = n_slices * sizes["data"] * sizes["fsdp"]
-  b = int(config.batch.batch_size)
-  if b % (batch_axes * o.grad_accum) or b % process_count:
-    raise ValueError(f"config.batch.batch_size={b} must be divisible by the batch mesh axes ({batch_axes}) x "
-                     f"config.optim.grad_accum ({o.grad_accum}) and by the process count ({process_count})")
-  model_cfg = build_model_config(config)
-  spec = build_batch_spec(config, model_cfg)
-  if not check_data:
-    return
-  need = max_sample_requirements(config, model_cfg)
-  have = dict(tokens=("seq_len", spec.seq_len), vit_tokens=("vit_capacity", spec.vit_capacity),
-              latent_tokens=("latent_capacity", spec.latent_capacity), images=("image_capacity", spec.image_capacity),
-              und_tokens=("und_capacity", spec.nu), ce=("ce_capacity", spec.nc),
-              vae_images=("vae_image_capacity", spec.vae_image_capacity if spec.pixel_mode else 10 ** 9))
-  for what, value in need.items():
-    key, cap = have[what]
-    if value > cap:
-      raise ValueError(f"config.batch.{key}={cap} is smaller than one sample of the data mix "
-                       f"(needs {value} {what.replace('_', ' ')})")
-
-
-def max_sample_requirements(config, model_cfg) -> Dict[str, int]:
-  """Per-row resources the largest sample of the configured data source needs."""
-  if config.data.source == "random":
-    # bagel_jax.data.examples.random_sample: <= 11 text tokens x 2 items, images up to 4x4 tokens.
-    lat = min(4, model_cfg.max_latent_size) ** 2
-    vit = min(4, model_cfg.vit.max_patches_per_side) ** 2
-    return dict(tokens=2 * lat + vit + 5 * 2 + 16, vit_tokens=vit, latent_tokens=4 * lat, images=6)
-  from bagel_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  return pipeline.max_sample_requirements(config, model_cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,6 +56,7 @@ def max_sample_requirements(config, model_cfg) -> Dict[str, int]:
 @dataclasses.dataclass
 class Setup:
   config: Any
+  run: train_config.RunConfig        # the typed view of `config` (model, global batch spec, data)
   model_cfg: config_lib.BagelConfig
   mesh: Any
   rules: Any
@@ -228,14 +112,15 @@ def _opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh):
 
 
 def make_setup(config, devices=None, check_data: bool = True) -> Setup:
-  """Everything the loop (or an AOT compile, with `devices` of a TPU topology and `check_data=False`) needs."""
+  """Everything the loop (or an AOT compile, with `devices` of a TPU topology and `check_data=False`: shapes
+  only, the data config left unresolved) needs."""
   devices = list(jax.devices() if devices is None else devices)
-  validate_config(config, len(devices), jax.process_count(), check_data)
-  model_cfg = build_model_config(config)
+  run = train_config.resolve(config, len(devices), jax.process_count(), with_data=check_data)
+  model_cfg = run.model
   mesh = mesh_lib.create_mesh(dict(config.mesh.ici), dict(config.mesh.dcn), devices)
   rules = rules_lib.rules_for_mesh(rules_lib.get_rules(config.mesh.rules), mesh)
-  spec = build_batch_spec(config, model_cfg)
-  local_spec = dataclasses.replace(spec, batch_size=spec.batch_size // jax.process_count())
+  spec = run.spec
+  local_spec = run.local_spec(jax.process_count())
 
   full_abstract = bagel_lib.abstract_params(model_cfg)
   logical = bagel_lib.param_logical_axes(model_cfg)
@@ -268,7 +153,7 @@ def make_setup(config, devices=None, check_data: bool = True) -> Setup:
   step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
                     out_shardings=(state_shardings, rules_lib.replicated(mesh)), donate_argnums=(0,))
   finite_fn = jax.jit(state_is_finite, in_shardings=(state_shardings,), out_shardings=rules_lib.replicated(mesh))
-  return Setup(config, model_cfg, mesh, rules, spec, local_spec, tx, schedule, mask, param_shardings,
+  return Setup(config, run, model_cfg, mesh, rules, spec, local_spec, tx, schedule, mask, param_shardings,
                state_shardings, abstract_state, step_fn, finite_fn,
                outside_shardings={k: full_shardings[k] for k in outside}, saved_abstract=saved_abstract)
 
@@ -302,13 +187,11 @@ def initial_vae_params(s: Setup, rng) -> Any:
   """The frozen VAE: `init.vae="random"` is a placeholder for converted FLUX weights (`init.checkpoint`);
   "synthetic" is the tiny AE pretrained on synthetic renders (cached; a fixed seed, so every run of a sweep
   shares one VAE, as real runs share FLUX's)."""
-  if s.config.init.vae not in VAE_INITS:  # a path: experiments/own_data/vae.py, bagel-convert flux-ae, .npz
-    from bagel_jax.train import vae_pretrain  # pylint: disable=import-outside-toplevel
+  if s.config.init.vae not in train_config.VAE_INITS:  # a path: experiments/own_data/vae.py, bagel-convert flux-ae, .npz
     return vae_pretrain.load_vae(s.config.init.vae, s.model_cfg.vae)
-  if s.config.init.vae == "synthetic":
-    from bagel_jax.train import vae_pretrain  # pylint: disable=import-outside-toplevel
+  if s.config.init.vae == "synthetic":  # the cached run of experiments/tiny/vae.py
     return vae_pretrain.cached_pretrained_vae(
-        s.model_cfg.vae, vae_image_size(s.config), steps=int(s.config.init.vae_steps) or vae_pretrain.default_steps())
+        s.model_cfg.vae, s.run.vae_image_size, steps=int(s.config.init.vae_steps) or vae_pretrain.default_steps())
   return init_vae_params(s.model_cfg.vae, rng)
 
 
@@ -318,7 +201,7 @@ def initial_params(s: Setup) -> Any:
   if path:
     params, _, step = ckpt_lib.load_params(path, s.model_cfg, abstract=s.saved_abstract.params,
                                            item=s.config.init.item)
-    print(f"initialised from {path} step {step} ({s.config.init.item})", flush=True)
+    log.info("initialised from %s step %s (%s)", path, step, s.config.init.item)
     return params
   return init_params_sharded(s, jax.random.key(int(s.config.seed)))
 
@@ -370,17 +253,14 @@ def train(config, workdir: str, devices=None, start_over: bool = False) -> Dict[
   `start_over`: if every checkpoint in the workdir is unreadable, set them aside and start from step 0
   (without it that case raises `UnreadableCheckpointsError`). A fresh start never overwrites an existing
   metrics history: it is kept as `metrics.previous-<N>.jsonl`."""
-  if config.get("recipe", "") == "vae":  # experiments/own_data/vae.py: the VAE recipe, its own loop
-    from bagel_jax.train import vae_pretrain  # pylint: disable=import-outside-toplevel
-    return vae_pretrain.train(config, workdir)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   s = make_setup(config, devices)
   pidx, pcount = jax.process_index(), jax.process_count()
+  data_iter = inputs.make_input(s.run, s.local_spec, pidx, pcount)  # opens and checks the data sources, once
   if pidx == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
-  data_iter = inputs.make_input(config, s.model_cfg, s.local_spec, pidx, pcount)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), s.model_cfg,
                                     keep=config.train.keep_checkpoints, keep_period=config.train.keep_period,
                                     async_save=config.train.async_checkpoint)
@@ -397,11 +277,11 @@ def train(config, workdir: str, devices=None, start_over: bool = False) -> Dict[
     if pidx == 0:
       kept = metrics_lib.rotate_history(workdir)
       if kept:
-        print(f"starting from step 0; the previous metrics history is kept as {', '.join(kept)}", flush=True)
+        log.info("starting from step 0; the previous metrics history is kept as %s", ", ".join(kept))
   else:
     state, outside = from_saved(s, saved)
     start = restored_step
-    print(f"resumed from step {start}", flush=True)
+    log.info("resumed from step %d", start)
   del saved
   writer = metrics_lib.create_writer(workdir, pidx, tensorboard=config.train.tensorboard)
   if pidx == 0 and isinstance(getattr(writer, "writers", [None])[0], metrics_lib.JsonlCsvWriter):
@@ -445,7 +325,6 @@ def train(config, workdir: str, devices=None, start_over: bool = False) -> Dict[
         _check_finite(pending, ckpt)
       pending = (step, m, batch_index)
       window_metrics.append(m)
-      progress.tick(step)
       if step % config.train.log_every == 0 or step == total:
         _check_finite(pending, ckpt)
         host = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -463,7 +342,7 @@ def train(config, workdir: str, devices=None, start_over: bool = False) -> Dict[
         if pidx == 0:
           progress.report(step, host, LOG_KEYS)
           if hasattr(data_iter, "stats_line"):
-            print(data_iter.stats_line(), flush=True)  # records in = out + skipped (by reason) + buffered
+            log.info(data_iter.stats_line())  # records in = out + skipped (by reason) + buffered
         last = dict(host, step=step)
         window_flops = window_tokens = 0.0
         window_t = time.time()
@@ -476,7 +355,7 @@ def train(config, workdir: str, devices=None, start_over: bool = False) -> Dict[
         _check_state_finite(s, state, step, ckpt)
         ckpt.save(to_saved(s, state, outside), data_iter, force=preempted or step == total)
       if preempted:
-        print(f"preemption notice: saved step {step}, exiting", flush=True)
+        log.info("preemption notice: saved step %d, exiting", step)
         break
       if config.train.debug_kill_at_step and step == config.train.debug_kill_at_step:
         ckpt.wait()  # deterministic drill: the last save has landed, then an abrupt death without cleanup

@@ -9,6 +9,7 @@ layer variants have equal active FLOPs per token (hard routing sends each token 
 """
 from bagel_jax.models.config import LAYER_VARIANTS
 from experiments import common
+from experiments.bagel_7b import pretrain
 
 # Paper hyper-parameters at 1.5B (PT recipe, 10K steps) and their tiny-scale equivalents.
 SIZES = {
@@ -31,7 +32,13 @@ def ablation_config(name: str, arg, *, variant: str = "mot", gen_und: float = 4.
   c = common.base_config()
   c.name = name
   c.seed = arg.seed
-  common.apply_stage(c, "pretrain", steps=arg.steps or size["steps"])
+  # The PT recipe (experiments/bagel_7b/pretrain.py) at the ablation's steps, LR, warm-up and loss weights.
+  c.stage = "pretrain"
+  c.optim.schedule = "constant"
+  c.optim.trainable = ".*"
+  c.loss.timestep_shift = 1.0
+  c.stage_mix.ratios.update(dict(pretrain.get_config().stage_mix.ratios))
+  c.train.steps = c.optim.total_steps = arg.steps or size["steps"]
   if arg.size == "tiny":
     common.tiny_cpu(c, variant=arg.variant, gen_und=arg.gen_und, batch_size=size["batch"], seq_len=size["seq"])
     # The committed tiny results (experiments/results/) were measured with a frozen random VAE: MSE in a fixed

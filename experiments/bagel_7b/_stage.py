@@ -1,41 +1,49 @@
-"""The four BAGEL-7B stages share one builder; each stage file only names its stage (Table 3 values).
+"""What the four BAGEL-7B stage files share: their config args and how a recipe is sized. No recipe values
+live here; each stage file (align.py, pretrain.py, continued.py, sft.py) spells out its Table 3 column.
 
 Config args: variant (mot/dense/moe/moe_topk), topology (one packed row per chip), slices (DCN data parallel),
 model=tiny or runlocal (the CPU recipe), steps, attention, remat (a `models.layers.REMAT_POLICIES` name; default
 offload_layer_inputs on 32 GiB chips, nothing_saveable otherwise),
 tokens (tokens per row; default the top of the stage's packing window)."""
 from bagel_jax.models.config import LAYER_VARIANTS
+from bagel_jax.parallel import topology as topology_lib
 from experiments import common
 
 MODELS = ("7b", "tiny")  # model=tiny (or runlocal): the same recipe at CPU scale
 
 
-def stage_config(stage: str, arg):
-  arg = common.parse_arg(arg, variant=common.Arg("mot", choices=LAYER_VARIANTS), topology="v5p-256",
-                         model=common.Arg("7b", choices=MODELS), runlocal=False, steps=common.Arg(0, min=1),
-                         slices=common.Arg(1, min=1), attention="pallas", remat="", tokens=common.Arg(0, min=512))
-  c = common.base_config()
-  c.name = f"bagel_7b_{stage}"
-  common.apply_stage(c, stage, steps=arg.steps or None)
+def parse(arg):
+  return common.parse_arg(arg, variant=common.Arg("mot", choices=LAYER_VARIANTS), topology="v5p-256",
+                          model=common.Arg("7b", choices=MODELS), runlocal=False, steps=common.Arg(0, min=1),
+                          slices=common.Arg(1, min=1), attention="pallas", remat="", tokens=common.Arg(0, min=512))
+
+
+def sized(c, arg, *, tokens: int):
+  """The recipe `c` (its Table 3 values set) at the size `arg` asks for: BAGEL-7B on a TPU slice with rows of
+  `tokens` (the top of the stage's packing window unless `tokens=` is given), or the tiny model on CPU."""
+  if arg.steps:
+    c.train.steps = c.optim.total_steps = arg.steps
   if arg.runlocal or arg.model == "tiny":
-    # The same recipe at CPU scale on the built-in synthetic data.
-    common.tiny_cpu(c, variant=arg.variant, ratios=common.STAGES[stage]["ratios"])
+    # The same recipe at CPU scale on the built-in synthetic data, weighted by the stage's category ratios.
+    common.tiny_cpu(c, variant=arg.variant, ratios=dict(c.stage_mix.ratios))
     c.train.steps = c.optim.total_steps = arg.steps or 300
     c.optim.warmup_steps = min(c.optim.warmup_steps, c.train.steps // 10)
     c.optim.lr = max(c.optim.lr, 1e-3)  # tiny models take a larger step than 7B
     if c.optim.ema_decay:
       c.optim.ema_decay = 0.99  # an EMA horizon of ~100 steps suits runs of a few hundred steps
     return c
-  # 32 GiB chips (v5e, v6e) need the layer inputs in host memory to keep 15% HBM headroom (docs/tpu_aot.md).
-  remat = arg.remat or ("offload_layer_inputs" if arg.topology.startswith(("v5e", "v6e")) else "nothing_saveable")
+  # v5e and v6e (16/32 GiB) need the layer inputs in host memory to keep 15% HBM headroom (docs/tpu_aot.md);
+  # v5p's 95 GiB keeps them.
+  offload = topology_lib.generation(arg.topology) in ("v5e", "v6e")
+  remat = arg.remat or ("offload_layer_inputs" if offload else "nothing_saveable")
   c.model.update(dict(preset="bagel_7b", variant=arg.variant, dtype="bfloat16", attention_impl=arg.attention,
                       remat_policy=remat, ce_chunk_size=4096))
-  common.seven_b_batch(c, stage, arg.tokens)
+  common.seven_b_batch(c, arg.tokens or tokens)
   common.size_for_topology(c, arg.topology)
   c.batch.batch_size *= arg.slices
   common.fsdp_ici(c)
   c.mesh.dcn.data = arg.slices  # multi-slice: data parallel across slices over DCN, FSDP inside each slice
-  c.data.source = "pipeline"
+  c.data.source = "pipeline"  # the sources come from --config.data.sources
   c.train.checkpoint_every = 1000
   c.train.log_every = 10
   return c

@@ -11,6 +11,7 @@ import os
 
 from bagel_jax.models.config import LAYER_VARIANTS
 from experiments import common
+from experiments.bagel_7b import pretrain
 
 COMMON_ARGS = dict(
     steps=common.Arg(300, min=1), image_size=common.Arg(32, min=8), batch_size=common.Arg(4, min=1),
@@ -43,7 +44,12 @@ def own_data_config(name: str, arg, sources, *, gen_und: float = 0.0):
   c = common.base_config()
   c.name = name
   c.seed = arg.seed
-  common.apply_stage(c, "pretrain", steps=arg.steps)
+  # The PT recipe's schedule and losses (experiments/bagel_7b/pretrain.py) at CPU scale.
+  c.stage = "pretrain"
+  c.optim.schedule = "constant"
+  c.optim.trainable = ".*"
+  c.loss.update(dict(ce_weight=0.25, mse_weight=1.0, timestep_shift=1.0))
+  c.stage_mix.ratios.update(dict(pretrain.get_config().stage_mix.ratios))
   common.tiny_cpu(c, variant=arg.variant, batch_size=arg.batch_size, seq_len=arg.seq_len,
                   image_size=arg.image_size)
   c.data.source = "pipeline"

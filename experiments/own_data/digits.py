@@ -144,17 +144,17 @@ def main(argv=None):
   # ---- judge ----
   from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
   from bagel_jax.models.config import get_preset  # pylint: disable=import-outside-toplevel
-  from bagel_jax.train import vae_pretrain  # pylint: disable=import-outside-toplevel
+  from bagel_jax.train import vae_pretrain, vae_recipe  # pylint: disable=import-outside-toplevel
   tr_x, tr_y = load_split(os.path.join(data, "t2i.jsonl"), data)
   te_x, te_y = load_split(os.path.join(data, "t2i_heldout.jsonl"), data)
   judge = LogisticRegression(max_iter=5000, C=0.5).fit(features(tr_x), tr_y)
   acc_real = float((judge.predict(features(te_x)) == te_y).mean())
   cfg = get_preset("tiny").vae
   params = vae_pretrain.load_vae(vae, cfg)
-  rec = vae_pretrain.reconstruct(cfg, params, te_x.astype(np.float32) * (2 / 255.0) - 1.0)
+  rec = vae_recipe.reconstruct(cfg, params, te_x.astype(np.float32) * (2 / 255.0) - 1.0)
   rec8 = np.clip((rec + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
   acc_rec = float((judge.predict(features(rec8)) == te_y).mean())
-  psnr = vae_pretrain.psnr(te_x.astype(np.float32) * (2 / 255.0) - 1.0, rec)
+  psnr = vae_recipe.psnr(te_x.astype(np.float32) * (2 / 255.0) - 1.0, rec)
   rows = [json.loads(l) for l in open(os.path.join(samples, "results.jsonl"))]
   gen = np.stack([np.asarray(Image.open(os.path.join(samples, r["out"])).convert("RGB")) for r in rows])
   gen_y = np.array([NAMES.index(r["prompt"].split()[-1]) for r in rows])

@@ -2,6 +2,8 @@
 
   bagel-train --config experiments/tiny/random_smoke.py:variant=mot,steps=20 --workdir /tmp/smoke
 """
+import importlib
+
 from bagel_jax.models.config import LAYER_VARIANTS
 from experiments import common
 
@@ -9,10 +11,16 @@ from experiments import common
 def get_config(arg=None):
   arg = common.parse_arg(arg, variant=common.Arg("mot", choices=LAYER_VARIANTS), steps=common.Arg(20, min=1),
                          batch=common.Arg(2, min=1), seq=common.Arg(128, min=16), lr=common.Arg(1e-3, min=0.0),
-                         ema=common.Arg(0.99, min=0.0), stage=common.Arg("pretrain", choices=common.STAGES))
+                         ema=common.Arg(0.99, min=0.0), stage=common.Arg("pretrain", choices=common.BAGEL_7B_STAGES))
   c = common.base_config()
   c.name = "tiny_random_smoke"
-  common.apply_stage(c, arg.stage, steps=arg.steps)
+  # The stage recipe's schedule, trainable set and losses (experiments/bagel_7b/<stage>.py) at these steps.
+  recipe = importlib.import_module(f"experiments.bagel_7b.{arg.stage}").get_config()
+  c.stage = recipe.stage
+  c.optim.update(dict(schedule=recipe.optim.schedule, trainable=recipe.optim.trainable))
+  c.loss.update(recipe.loss.to_dict())
+  c.stage_mix.ratios.update(dict(recipe.stage_mix.ratios))
+  c.train.steps = c.optim.total_steps = arg.steps
   c.model.preset = "tiny"
   c.model.variant = arg.variant
   c.optim.update(dict(lr=arg.lr, warmup_steps=0, ema_decay=arg.ema if arg.stage != "align" else 0.0))

@@ -140,7 +140,10 @@ def analyse_inference(config, topology: str, num_slices: int = 1, cache_len: int
   fl = flops_lib.step_flops(one, model_cfg)
   fwd_flops = (fl["llm_matmul"] + fl["llm_attention"] + fl["latent_io"]) / 3 * rows
   params = _inference_params(model_cfg, mesh, rules, jnp.bfloat16)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), ops.assume_tile_fraction(rows_lib.tile_fractions(one)):
+  # The row's tile fractions are computed on the host, before the TPU topology's mesh becomes the default: under
+  # it the metadata's jnp ops would be placed on devices this process cannot run.
+  fractions = rows_lib.tile_fractions(one)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), ops.assume_tile_fraction(fractions):
     t0 = time.time()
     compiled = jax.jit(_denoise_fn(model_cfg)).lower(params, batch).compile(compiler_options=options)
     sec = time.time() - t0

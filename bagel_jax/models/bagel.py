@@ -21,7 +21,7 @@ from bagel_jax.models import layers
 from bagel_jax.models.config import BagelConfig
 from bagel_jax.models.flux_vae import FluxAutoEncoder, init_vae_params, patchify_latents
 from bagel_jax.models.qwen2 import Qwen2LM
-from bagel_jax.models.routing import Routing, take_rows
+from bagel_jax.models.routing import Routing, gather_rows, inverse_index, read_slots, take_rows
 from bagel_jax.models.siglip import SiglipViT
 
 Params = Dict[str, Any]
@@ -50,9 +50,10 @@ def noise_latents(x0, t_logit, eps, shift: float):
 
 
 def scatter_in_order(x, tokens, is_slot):
-  """Writes the k-th row of `tokens` [B, N, D] into the k-th position where `is_slot` [B, L] holds."""
-  src = jnp.cumsum(is_slot, axis=1, dtype=jnp.int32) - 1
-  gathered = take_rows(tokens, src)
+  """Writes the k-th row of `tokens` [B, N, D] into the k-th position where `is_slot` [B, L] holds (a gather
+  both ways: `routing.read_slots`)."""
+  src = jnp.where(is_slot, jnp.cumsum(is_slot, axis=1, dtype=jnp.int32) - 1, -1)
+  gathered = read_slots(tokens, inverse_index(src, tokens.shape[1]), src)
   return jnp.where(is_slot[..., None], gathered.astype(x.dtype), x)
 
 
@@ -177,13 +178,13 @@ class Bagel(nn.Module):
 
     # CE over the CE buffer.
     ce_valid = batch["ce_index"] >= 0
-    h_ce = take_rows(h, batch["ce_index"])
+    h_ce = gather_rows(h, batch["ce_index"], inverse_index(batch["ce_index"], h.shape[1]))
     ce_tgt = take_rows(batch["ce_target"], batch["ce_index"])
     ce_w = jnp.where(ce_valid, take_rows(batch["ce_weight"], batch["ce_index"]), 0.0)
     ce_sum, ce_count = self.llm.ce_loss(h_ce, ce_tgt, ce_w)
 
     # Rectified-flow MSE over noisy latent tokens.
-    h_lat = take_rows(h, batch["latent_dest"])
+    h_lat = gather_rows(h, batch["latent_dest"], inverse_index(batch["latent_dest"], h.shape[1]))
     v_pred = self.velocity(h_lat).astype(jnp.float32)
     mse_tok = jnp.mean(jnp.square(v_pred - target), axis=-1)
     mse_w = jnp.where(batch["latent_image"] > 0, take_rows(batch["mse_weight"], batch["latent_dest"]), 0.0)

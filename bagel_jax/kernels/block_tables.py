@@ -170,8 +170,9 @@ def build_tables(q_meta: mask_lib.TokenMeta, kv_meta: mask_lib.TokenMeta, block_
 
 
 def dense_tile_classes(q_meta: mask_lib.TokenMeta, kv_meta: mask_lib.TokenMeta, block_q: int, block_kv: int,
-                       chunk: int = 4096) -> np.ndarray:
-  """The slow oracle: the dense mask tiled block by block (numpy, O(chunk * Lk) memory at a time)."""
+                       chunk: int = 1024) -> np.ndarray:
+  """The slow oracle: the dense mask tiled block by block (numpy, O(chunk * Lk) memory at a time, one row of
+  the batch at a time: eight 36,864-token rows at once needed 21 GB)."""
   qm = [np.asarray(a, np.int32) for a in q_meta]
   km = [np.asarray(a, np.int32) for a in kv_meta]
   bsz, lq = qm[0].shape
@@ -179,11 +180,12 @@ def dense_tile_classes(q_meta: mask_lib.TokenMeta, kv_meta: mask_lib.TokenMeta, 
   nq, nk = lq // block_q, lk // block_kv
   out = np.zeros((bsz, nq, nk), np.int32)
   rows = max(1, chunk // block_q) * block_q
-  f = lambda a: a[:, None, :]
-  for start in range(0, lq, rows):
-    e = lambda a: a[:, start:start + rows, None]
-    m = np.asarray(mask_lib.allowed(*(e(a) for a in qm), *(f(a) for a in km)))
-    m = m.reshape(bsz, -1, block_q, nk, block_kv)
-    cls = np.where(m.all(axis=(2, 4)), FULL_TILE, np.where(m.any(axis=(2, 4)), PARTIAL, EMPTY))
-    out[:, start // block_q:start // block_q + cls.shape[1]] = cls
+  for b in range(bsz):
+    f = lambda a: a[b:b + 1, None, :]
+    for start in range(0, lq, rows):
+      e = lambda a: a[b:b + 1, start:start + rows, None]
+      m = np.asarray(mask_lib.allowed(*(e(a) for a in qm), *(f(a) for a in km)))
+      m = m.reshape(1, -1, block_q, nk, block_kv)
+      cls = np.where(m.all(axis=(2, 4)), FULL_TILE, np.where(m.any(axis=(2, 4)), PARTIAL, EMPTY))
+      out[b:b + 1, start // block_q:start // block_q + cls.shape[1]] = cls
   return out

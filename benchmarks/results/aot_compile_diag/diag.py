@@ -13,6 +13,8 @@ c.batch.batch_size = int(kv.get("batch", n))
 scale = float(kv.get("seq_scale", 1))
 for k in ("seq_len", "ce_capacity", "image_capacity", "latent_capacity", "und_capacity", "vit_capacity"):
   c.batch[k] = int(c.batch[k] * scale) if k != "image_capacity" else max(1, int(c.batch[k] * scale))
+for k, v in kv.items():
+  if k.startswith("b."): c.batch[k[2:]] = int(v)
 ov = {}
 if "layers" in kv: ov["num_layers"] = int(kv["layers"])
 if "hidden" in kv:
@@ -22,6 +24,12 @@ if "vit_layers" in kv: c.model.vit_layers = int(kv["vit_layers"])
 if "attn" in kv: c.model.attention_impl = kv["attn"]
 if "ce_chunk" in kv: c.model.ce_chunk_size = int(kv["ce_chunk"])
 if "remat" in kv: c.model.remat_policy = kv["remat"]
+if kv.get("opts") == "none":
+  libtpu.compiler_options = lambda topo: {}
+elif kv.get("opts"):
+  drop = kv["opts"].split("+")
+  orig = libtpu.compiler_options
+  libtpu.compiler_options = lambda topo: {k: v for k, v in orig(topo).items() if not any(d in k for d in drop)}
 with libtpu.libtpu_lock():
   devices = libtpu.topology_devices(topo, 1)
   t = time.time()
@@ -29,5 +37,5 @@ with libtpu.libtpu_lock():
 ma = compiled.memory_analysis()
 out = dict(kv, timing=timing, temp_gib=ma.temp_size_in_bytes / 2**30, arg_gib=ma.argument_size_in_bytes / 2**30)
 print(json.dumps(out), flush=True)
-with open("/tmp/aotdiag/results.jsonl", "a") as f:
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl"), "a") as f:
   f.write(json.dumps(out) + "\n")

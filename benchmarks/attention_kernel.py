@@ -248,6 +248,7 @@ def main(argv=None):
       if length <= 8192:
         checks.append(dict(row=f"{name}[{med}]", block=block, visited=visited_tiles(one, block),
                            nonempty=counts[med]["blocks"][block]["nonempty"]))
+      jax.clear_caches()  # interpret-mode and mask programs of every row length otherwise stay resident
       g = groups[name]["blocks"][block]["dense_over_kernel"]
       print(f"{name:18s} fill {groups[name]['fill']['median']:.1%} docs {groups[name]['documents']['median']:.0f} "
             f"dense/kernel median {g['median']:.2f} (p10 {g['p10']:.2f}, p90 {g['p90']:.2f}) at block {block}",

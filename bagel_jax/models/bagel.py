@@ -8,7 +8,7 @@ CE summed over CE positions; both normalised by their global token counts.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -136,10 +136,14 @@ class Bagel(nn.Module):
     return layers.constrain(x, _ACT)
 
   # -- decoder ---------------------------------------------------------------------------------------------
-  def hidden_states(self, batch, latent_emb):
-    """Joint forward of the packed row -> final hidden states [B, L, D] and aux metrics."""
+  def routing(self, batch) -> Routing:
+    return Routing.from_batch(batch, dense=self.config.routing == "dense")
+
+  def hidden_states(self, batch, latent_emb, routing: Optional[Routing] = None):
+    """Joint forward of the packed row -> final hidden states [B, L, D] and aux metrics (`routing`: the
+    batch's, when the caller also needs its inverse indices)."""
     meta = mask_lib.TokenMeta.from_row(batch["document"], batch["split"], batch["split_mode"])
-    routing = Routing.from_batch(batch, dense=self.config.routing == "dense")
+    routing = self.routing(batch) if routing is None else routing
     x = self.embed_row(batch, latent_emb)
     h, aux = self.llm(x, routing, batch["position"], meta)
     aux = dict(aux, routing_dropped=routing.dropped_tokens().astype(jnp.float32))
@@ -174,7 +178,8 @@ class Bagel(nn.Module):
     eps = jax.random.normal(rng_noise, x0.shape, jnp.float32)
     x_t, t, target = noise_latents(x0, batch["latent_t_logit"], eps, timestep_shift)
     latent_emb = self.embed_latents(x_t.astype(layers.dtype_of(c.dtype)), t, batch["latent_pos"])
-    h, aux = self.hidden_states(batch, latent_emb)
+    routing = self.routing(batch)
+    h, aux = self.hidden_states(batch, latent_emb, routing)
 
     # CE over the CE buffer.
     ce_valid = batch["ce_index"] >= 0
@@ -184,7 +189,7 @@ class Bagel(nn.Module):
     ce_sum, ce_count = self.llm.ce_loss(h_ce, ce_tgt, ce_w)
 
     # Rectified-flow MSE over noisy latent tokens.
-    h_lat = gather_rows(h, batch["latent_dest"], inverse_index(batch["latent_dest"], h.shape[1]))
+    h_lat = gather_rows(h, routing.gen_index, routing.gen_inv)  # gen_index is batch["latent_dest"]
     v_pred = self.velocity(h_lat).astype(jnp.float32)
     mse_tok = jnp.mean(jnp.square(v_pred - target), axis=-1)
     mse_w = jnp.where(batch["latent_image"] > 0, take_rows(batch["mse_weight"], batch["latent_dest"]), 0.0)

@@ -1,10 +1,11 @@
 """Regenerates benchmarks/results/aot_7b.json: every AOT compile the README and docs/tpu_aot.md quote, one
 `bagel-aot` subprocess each (they queue on the libtpu lock), merged by `bagel-aot --collect`.
 
-  python benchmarks/aot_7b.py                    # all rows (tens of minutes on a 2-core host)
+  python benchmarks/aot_7b.py                    # all rows (~30 min on a 2-core host)
   python benchmarks/aot_7b.py --only pt_v5p256   # one row, merged with the others' existing reports
 
-Each report carries what was compiled and how long it took on this host (`host`: compile wall and CPU
+Every row compiles at XLA effort O0 (`bagel-aot --effort`, libtpu.CHECK_EFFORT) except
+pt_v5p256_default_effort. Each report carries what was compiled and how long it took on this host (`host`: compile wall and CPU
 seconds, peak resident memory), per-chip memory (measured by the compiler), executed FLOPs counted from the
 compiled program and the MFU range (estimates; see docs/tpu_aot.md).
 """
@@ -23,6 +24,9 @@ PT = "experiments/bagel_7b/pretrain.py"
 # name -> (config file:arg, extra bagel-aot flags)
 RUNS = {
     "pt_v5p256": (f"{PT}:variant=mot,topology=v5p-256", ["--inference"]),
+    # the same step at the compiler's default effort (what a launch compiles): the check that the O0 rows'
+    # memory and FLOPs are those of the real program, and the compile time O0 saves
+    "pt_v5p256_default_effort": (f"{PT}:variant=mot,topology=v5p-256", ["--effort=default"]),
     "ct_v5p256": ("experiments/bagel_7b/continued.py:variant=mot,topology=v5p-256", []),
     "pt_v6e256_offload": (f"{PT}:variant=mot,topology=v6e-256", []),
     "pt_v6e256_in_hbm": (f"{PT}:variant=mot,topology=v6e-256,remat=nothing_saveable", []),

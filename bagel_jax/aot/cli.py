@@ -30,6 +30,9 @@ _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices (data parallel over 
 _OUT = flags.DEFINE_string("out", "", "write the JSON report here")
 _INFERENCE = flags.DEFINE_bool("inference", False, "also compile a denoising and a decode step")
 _MAX_SEQ_LEN = flags.DEFINE_string("max_seq_len", "", "LO,HI: also bisect the largest fitting row length")
+_EFFORT = flags.DEFINE_enum("effort", libtpu.CHECK_EFFORT, libtpu.EFFORTS,
+                            "XLA optimisation effort of the compiles: O0 compiles fastest with the same per-chip "
+                            "memory and FLOPs (docs/tpu_aot.md); 'default' is what a training launch compiles")
 _INFERENCE_TOPOLOGY = flags.DEFINE_string("inference_topology", "", "slice for --inference (default: --topology)")
 _COLLECT = flags.DEFINE_list("collect", [], "merge these report JSONs into --out (no compile) and print the "
                              "markdown table")
@@ -58,21 +61,22 @@ def with_slices(config, num_slices: int):
 
 
 def run(config, topology: str, num_slices: int = 1, *, inference: bool = False, max_seq_len: str = "",
-        inference_topology: str = ""):
+        inference_topology: str = "", effort: str = libtpu.CHECK_EFFORT):
   """The full report (under the libtpu lock)."""
   config = with_slices(config, num_slices)
   n_dev = topology_lib.chip_count(topology) * num_slices
   with libtpu.libtpu_lock():
-    report = training.analyse(config, topology, num_slices)
+    report = training.analyse(config, topology, num_slices, effort=effort)
     if inference:
       itopo = inference_topology or topology
       same = itopo == topology
       icfg = config if same else training.per_chip_rows_config(config, n_dev, topology_lib.chip_count(itopo))
-      report["inference"] = dict(inference_lib.analyse_inference(icfg, itopo, num_slices if same else 1),
+      report["inference"] = dict(inference_lib.analyse_inference(icfg, itopo, num_slices if same else 1,
+                                                                 effort=effort),
                                  topology=itopo)
     if max_seq_len:
       lo, hi = (int(x) for x in max_seq_len.split(","))
-      report["max_fitting"] = training.max_fitting_seq_len(config, topology, lo, hi)
+      report["max_fitting"] = training.max_fitting_seq_len(config, topology, lo, hi, effort=effort)
   report_lib.check_report(report)
   return report
 
@@ -106,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None):
   except ValueError as e:
     _fail(f"--topology: {e}")
   report = run(config, topology, _NUM_SLICES.value, inference=_INFERENCE.value, max_seq_len=_MAX_SEQ_LEN.value,
-               inference_topology=_INFERENCE_TOPOLOGY.value)
+               inference_topology=_INFERENCE_TOPOLOGY.value, effort=_EFFORT.value)
   print(report_lib.summary_table([report]))
   if _OUT.value:
     _write(_OUT.value, report)

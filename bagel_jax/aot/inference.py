@@ -94,7 +94,7 @@ def _decode_fn(model_cfg):
 
 
 def analyse_inference(config, topology: str, num_slices: int = 1, cache_len: int = 8192, px: int = 1024,
-                      rows_per_chip: int = 1) -> Dict[str, Any]:
+                      rows_per_chip: int = 1, effort: str = libtpu.CHECK_EFFORT) -> Dict[str, Any]:
   """Denoise and decode steps on the config's mesh, bf16 weights. Denoise: FSDP-sharded weights as in
   training (the model's forward, both experts); decode: und-expert weights replicated on every chip, rows
   sharded over all chips (plain data-parallel serving), KV cache of `cache_len` tokens per row."""
@@ -109,7 +109,7 @@ def analyse_inference(config, topology: str, num_slices: int = 1, cache_len: int
   model_cfg = train_config.model_config(c)
   mesh = mesh_lib.create_mesh(dict(c.mesh.ici), dict(c.mesh.dcn), devices)
   rules = rules_lib.rules_for_mesh(rules_lib.get_rules(c.mesh.rules), mesh)
-  options = libtpu.compiler_options(topology)
+  options = libtpu.compiler_options(topology, effort)
   out: Dict[str, Any] = {}
 
   rates = costs.Rates.for_chip(chip)

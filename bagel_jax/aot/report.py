@@ -7,7 +7,7 @@ from typing import Any, Dict, Sequence, Tuple
 
 
 REPORT_KEYS = ("config", "stage", "topology", "topology_name", "num_slices", "devices", "device_kind",
-               "compile_seconds", "host", "global_batch_rows", "seq_len", "tokens_per_chip", "model",
+               "compile_seconds", "compiler_effort", "host", "global_batch_rows", "seq_len", "tokens_per_chip", "model",
                "memory_per_chip", "attention", "largest_tensors", "model_flops_per_step", "xla_cost_analysis_raw",
                "compiled", "roofline")
 MEMORY_KEYS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
@@ -55,7 +55,8 @@ def summary_table(reports: Sequence[Dict[str, Any]]) -> str:
 def markdown_table(reports: Sequence[Dict[str, Any]]) -> str:
   """The docs table: one line per report."""
   head = ("| config | variant | topology | mesh (data x fsdp), remat | tokens/chip | GiB/chip (args + temps) | "
-          "of HBM | fits <= 85% | compile s (host RAM GiB) | executed / model FLOPs | MFU bound, compute only | "
+          "of HBM | fits <= 85% | compile s (host RAM GiB), XLA effort | executed / model FLOPs | "
+          "MFU bound, compute only | "
           "MFU estimate (exposed-overlapped) | limited by |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in reports:
@@ -69,7 +70,7 @@ def markdown_table(reports: Sequence[Dict[str, Any]]) -> str:
              f"{m['total_bytes'] / 2 ** 30:.1f} ({m['argument_size_in_bytes'] / 2 ** 30:.1f} + "
              f"{m['temp_size_in_bytes'] / 2 ** 30:.1f})", f"{m['fraction_of_hbm']:.1%}",
              "yes" if m["fits_with_headroom"] else "no",
-             f"{r['compile_seconds']:.0f} ({r['host']['peak_rss_bytes'] / 2 ** 30:.1f})",
+             f"{r['compile_seconds']:.0f} ({r['host']['peak_rss_bytes'] / 2 ** 30:.1f}), {r['compiler_effort']}",
              f"{r['compiled']['recompute_ratio']:.3f}", bound, est, rl["limited_by"]]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -31,13 +31,14 @@ HEADROOM_TARGET = 0.85  # issue #9: total per-chip memory <= 85% of HBM
 REPRESENTATIVE_ROWS = 8  # rows of the stage mix packed by the real packer; model FLOPs are their mean
 
 
-def compile_step(config, devices, topology: str, tile_fraction=None):
-  """Lowers and compiles the jitted train step for `devices`; returns (compiled, setup, timing) with timing =
-  {lower_seconds, compile_seconds (wall), compile_cpu_seconds (this process, all threads), peak_rss_bytes}."""
+def compile_step(config, devices, topology: str, tile_fraction=None, effort: str = libtpu.CHECK_EFFORT):
+  """Lowers and compiles the jitted train step for `devices` at XLA optimisation `effort`; returns (compiled,
+  setup, timing) with timing = {lower_seconds, compile_seconds (wall), compile_cpu_seconds (this process, all
+  threads), peak_rss_bytes}."""
   s = trainer.make_setup(config, devices=devices, check_data=False)
   batch = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), s.spec.abstract(),
                        rules_lib.batch_shardings(s.mesh, s.spec.abstract()))
-  options = libtpu.compiler_options(topology)  # probed outside the mesh context
+  options = libtpu.compiler_options(topology, effort)  # probed outside the mesh context
   t0 = time.time()
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules), ops.assume_tile_fraction(tile_fraction):
     lowered = s.step_fn.lower(s.abstract_state, batch)
@@ -60,8 +61,10 @@ def memory_report(compiled, chip: topology_lib.Chip) -> Dict[str, Any]:
               fits_with_headroom=mem["total_bytes"] <= HEADROOM_TARGET * chip.hbm_bytes)
 
 
-def analyse(config, topology: str, num_slices: int = 1, rates: Optional[costs.Rates] = None) -> Dict[str, Any]:
-  """The train-step part of the report for one config on one topology: one compile of the step that runs."""
+def analyse(config, topology: str, num_slices: int = 1, rates: Optional[costs.Rates] = None,
+            effort: str = libtpu.CHECK_EFFORT) -> Dict[str, Any]:
+  """The train-step part of the report for one config on one topology: one compile of the step that runs (at
+  XLA optimisation `effort`, see libtpu.CHECK_EFFORT)."""
   gen, name, _ = topology_lib.parse(topology)
   chip = topology_lib.CHIPS[gen]
   devices = libtpu.topology_devices(topology, num_slices)
@@ -69,15 +72,16 @@ def analyse(config, topology: str, num_slices: int = 1, rates: Optional[costs.Ra
   model_cfg = train_config.model_config(config)
   rows = rows_lib.representative_rows(config, model_cfg, REPRESENTATIVE_ROWS)
   fractions = rows_lib.tile_fractions(rows)
-  compiled, s, timing = compile_step(config, devices, topology, fractions)
+  compiled, s, timing = compile_step(config, devices, topology, fractions, effort)
   text = compiled.as_text()
   report: Dict[str, Any] = dict(
       config=config.name, stage=config.stage, topology=topology, topology_name=name, num_slices=num_slices,
       devices=n_dev, device_kind=devices[0].device_kind, compile_seconds=timing["compile_seconds"],
+      compiler_effort=effort,
       host=dict(timing, cpu_count=os.cpu_count(),
                 note="peak_rss_bytes: this process's peak resident memory so far (the compile's high-water mark "
                      "when it is the first); compile_cpu_seconds: user + system time of all its threads"),
-      compiler_options=libtpu.compiler_options(topology),
+      compiler_options=libtpu.compiler_options(topology, effort),
       rejected_compiler_options=list(libtpu.rejected_compiler_options(topology)),
       global_batch_rows=s.spec.batch_size, seq_len=s.spec.seq_len,
       tokens_per_chip=s.spec.batch_size * s.spec.seq_len / n_dev,
@@ -227,7 +231,7 @@ def scale_batch(config, seq_len: int):
 
 
 def max_fitting_seq_len(config, topology: str, lo: int, hi: int, step: int = 1024,
-                        budget: float = HEADROOM_TARGET) -> Dict[str, Any]:
+                        budget: float = HEADROOM_TARGET, effort: str = libtpu.CHECK_EFFORT) -> Dict[str, Any]:
   """Largest row length (= per-chip tokens at one row per chip) whose compiled total stays within `budget` of
   HBM (and compiles at all), by bisection on multiples of `step`."""
   hbm = topology_lib.chip(topology).hbm_bytes
@@ -237,7 +241,7 @@ def max_fitting_seq_len(config, topology: str, lo: int, hi: int, step: int = 102
   while hi - lo > step:
     mid = (lo + hi) // 2 // step * step
     try:
-      compiled, _, _ = compile_step(scale_batch(config, mid), devices, topology)
+      compiled, _, _ = compile_step(scale_batch(config, mid), devices, topology, effort=effort)
       total = costs.memory(compiled)["total_bytes"]
       tried[mid] = total / 2 ** 30
       ok = total <= budget * hbm

@@ -30,6 +30,10 @@ elif kv.get("opts"):
   drop = kv["opts"].split("+")
   orig = libtpu.compiler_options
   libtpu.compiler_options = lambda topo: {k: v for k, v in orig(topo).items() if not any(d in k for d in drop)}
+if kv.get("extra"):  # extra compiler options, k1:v1+k2:v2 (libtpu settings under test)
+  extra = dict(o.split(":", 1) for o in kv["extra"].split("+"))
+  base_opts = libtpu.compiler_options
+  libtpu.compiler_options = lambda topo: dict(base_opts(topo), **extra)
 with libtpu.libtpu_lock():
   devices = libtpu.topology_devices(topo, 1)
   t = time.time()

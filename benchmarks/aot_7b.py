@@ -56,20 +56,40 @@ def main(argv=None):
   ap.add_argument("--reports", default=os.path.join(HERE, "results", "aot_7b"),
                   help="folder of the per-run reports")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "aot_7b.json"))
+  ap.add_argument("--collect_only", action="store_true", help="merge the existing reports, compile nothing")
   args = ap.parse_args(argv)
   os.makedirs(args.reports, exist_ok=True)
   names = [n for n in args.only.split(",") if n] or list(RUNS)
   unknown = sorted(set(names) - set(RUNS))
   if unknown:
     raise SystemExit(f"unknown runs {unknown}; known: {sorted(RUNS)}")
-  for name in names:
+  for name in names if not args.collect_only else ():
     run_one(name, *RUNS[name], args.reports)
   paths = [os.path.join(args.reports, f"{n}.json") for n in RUNS if os.path.exists(os.path.join(args.reports,
                                                                                                  f"{n}.json"))]
   cmd = [sys.executable, "-m", "bagel_jax.aot", f"--collect={','.join(paths)}", "--out", args.out]
   subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True)
   with open(args.out) as f:
-    return json.load(f)
+    doc = json.load(f)
+  by_source = {r["source"][:-len(".json")]: r for r in doc["reports"]}
+  if "pt_v5p256" in by_source and "pt_v5p256_131k" in by_source:
+    doc["max_tokens_per_chip_v5p"] = max_tokens_estimate(by_source["pt_v5p256"], by_source["pt_v5p256_131k"])
+    with open(args.out, "w") as f:
+      json.dump(doc, f, indent=1)
+  return doc
+
+
+def max_tokens_estimate(a, b, budget: float = 0.85):
+  """Tokens per chip at which the PT step reaches `budget` of HBM, on the line through two compiled row
+  lengths (memory grows linearly with the row under remat: no [L, L] term). An estimate between/beyond
+  compiled points, labelled as such."""
+  ta, tb = a["tokens_per_chip"], b["tokens_per_chip"]
+  ma, mb = a["memory_per_chip"]["total_bytes"], b["memory_per_chip"]["total_bytes"]
+  slope = (mb - ma) / (tb - ta)
+  hbm = a["memory_per_chip"]["hbm_bytes"]
+  return dict(tokens=int(ta + (budget * hbm - ma) / slope), budget_fraction=budget,
+              gib_per_1k_tokens=slope * 1024 / 2 ** 30, from_reports=[a["source"], b["source"]],
+              note="ESTIMATE: linear in tokens per chip through the two compiled points")
 
 
 if __name__ == "__main__":

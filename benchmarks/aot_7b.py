@@ -2,12 +2,13 @@
 `bagel-aot` subprocess each (they queue on the libtpu lock), merged by `bagel-aot --collect`.
 
   python benchmarks/aot_7b.py                    # all rows (~30 min on a 2-core host)
-  python benchmarks/aot_7b.py --only pt_v5p256   # one row, merged with the others' existing reports
+  python benchmarks/aot_7b.py --only pt_v5p256   # one row, merged with this machine's earlier reports
+  python benchmarks/aot_7b.py --collect_only     # re-merge the reports under results/aot_7b/ (a local cache)
 
 Every row compiles at XLA effort O0 (`bagel-aot --effort`, libtpu.CHECK_EFFORT) except
-pt_v5p256_default_effort. Each report carries what was compiled and how long it took on this host (`host`: compile wall and CPU
-seconds, peak resident memory), per-chip memory (measured by the compiler), executed FLOPs counted from the
-compiled program and the MFU range (estimates; see docs/tpu_aot.md).
+pt_v5p256_default_effort. Each report carries what was compiled and how long it took on this host (`host`:
+compile wall and CPU seconds, peak resident memory), per-chip memory (measured by the compiler), executed FLOPs
+counted from the compiled program and the MFU range (estimates; see docs/tpu_aot.md).
 """
 from __future__ import annotations
 

@@ -301,7 +301,7 @@ def test_rematerialised_forward_is_counted(tmp_path):
 @pytest.mark.slow
 @needs_libtpu
 def test_check_effort_keeps_the_memory_and_flop_figures(tmp_path):
-  """AOT checks compile at XLA effort O0 (libtpu.CHECK_EFFORT: 83 s instead of 383 s for the 7B PT step): the
+  """AOT checks compile at XLA effort O0 (libtpu.CHECK_EFFORT: 81 s instead of 320 s for the 7B PT step): the
   per-chip memory and the executed FLOPs they report must be those of the default-effort program a launch
   compiles, within what the compiler's choices move (measured: <= 2% here and on the 7B rows)."""
   base = ["model.preset=small", "batch.seq_len=2048", "batch.vit_capacity=512", "batch.latent_capacity=1024",

@@ -7,9 +7,9 @@ from typing import Any, Dict, Sequence, Tuple
 
 
 REPORT_KEYS = ("config", "stage", "topology", "topology_name", "num_slices", "devices", "device_kind",
-               "compile_seconds", "compiler_effort", "host", "global_batch_rows", "seq_len", "tokens_per_chip", "model",
-               "memory_per_chip", "attention", "largest_tensors", "model_flops_per_step", "xla_cost_analysis_raw",
-               "compiled", "roofline")
+               "compile_seconds", "compiler_effort", "host", "global_batch_rows", "seq_len", "tokens_per_chip",
+               "model", "memory_per_chip", "attention", "largest_tensors", "model_flops_per_step",
+               "xla_cost_analysis_raw", "compiled", "roofline")
 MEMORY_KEYS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
                "total_bytes", "hbm_bytes", "fraction_of_hbm", "fits_with_headroom")
 COMPILED_KEYS = ("flops_per_step", "matmul_flops_per_chip", "kernel_flops_per_chip", "bytes_per_chip",

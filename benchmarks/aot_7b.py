@@ -33,6 +33,11 @@ RUNS = {
     "pt_v6e256_in_hbm": (f"{PT}:variant=mot,topology=v6e-256,remat=nothing_saveable", []),
     "abl_mot_v6e256": ("experiments/ablation/mot.py:size=1.5b,topology=v6e-256", []),
     "abl_dense_v6e256": ("experiments/ablation/dense.py:size=1.5b,topology=v6e-256", []),
+    "abl_moe_v6e256": ("experiments/ablation/moe.py:size=1.5b,topology=v6e-256", []),
+    "abl_moe_topk_v6e256": ("experiments/ablation/moe_topk.py:size=1.5b,topology=v6e-256", []),
+    "align_v5p256": ("experiments/bagel_7b/align.py:variant=mot,topology=v5p-256", []),
+    "sft_v5p256": ("experiments/bagel_7b/sft.py:variant=mot,topology=v5p-256", []),
+    "ct_v6e256": ("experiments/bagel_7b/continued.py:variant=mot,topology=v6e-256", []),
     # the longest row per chip that was compiled: every per-row capacity scaled with the row (tokens=...)
     "pt_v5p256_131k": (f"{PT}:variant=mot,topology=v5p-256,tokens=131072", []),
 }

@@ -29,8 +29,8 @@ RUNS = {
     # memory and FLOPs are those of the real program, and the compile time O0 saves
     "pt_v5p256_default_effort": (f"{PT}:variant=mot,topology=v5p-256", ["--effort=default"]),
     "ct_v5p256": ("experiments/bagel_7b/continued.py:variant=mot,topology=v5p-256", []),
-    "pt_v6e256_offload": (f"{PT}:variant=mot,topology=v6e-256", []),
-    "pt_v6e256_in_hbm": (f"{PT}:variant=mot,topology=v6e-256,remat=nothing_saveable", []),
+    "pt_v6e256_offload": (f"{PT}:variant=mot,topology=v6e-256,remat=offload_layer_inputs", []),
+    "pt_v6e256_in_hbm": (f"{PT}:variant=mot,topology=v6e-256", []),
     "abl_mot_v6e256": ("experiments/ablation/mot.py:size=1.5b,topology=v6e-256", []),
     "abl_dense_v6e256": ("experiments/ablation/dense.py:size=1.5b,topology=v6e-256", []),
     "abl_moe_v6e256": ("experiments/ablation/moe.py:size=1.5b,topology=v6e-256", []),
@@ -38,6 +38,7 @@ RUNS = {
     "align_v5p256": ("experiments/bagel_7b/align.py:variant=mot,topology=v5p-256", []),
     "sft_v5p256": ("experiments/bagel_7b/sft.py:variant=mot,topology=v5p-256", []),
     "ct_v6e256": ("experiments/bagel_7b/continued.py:variant=mot,topology=v6e-256", []),
+    "ct_v6e256_in_hbm": ("experiments/bagel_7b/continued.py:variant=mot,topology=v6e-256,remat=nothing_saveable", []),
     # the longest row per chip that was compiled: every per-row capacity scaled with the row (tokens=...)
     "pt_v5p256_131k": (f"{PT}:variant=mot,topology=v5p-256,tokens=131072", []),
 }

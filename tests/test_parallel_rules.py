@@ -7,7 +7,7 @@ from bagel_jax.models import config as model_config
 from bagel_jax.parallel import mesh as mesh_lib
 from bagel_jax.parallel import rules as rules_lib
 from experiments.ablation import mot as ablation_mot
-from experiments.bagel_7b import pretrain
+from experiments.bagel_7b import continued, pretrain
 
 
 def _mesh(**sizes):
@@ -63,6 +63,12 @@ def test_stage_config_tokens_per_row():
   assert c.model.remat_policy == "offload_layer_inputs"
   v5p, v6e = pretrain.get_config("topology=v5p-256"), pretrain.get_config("topology=v6e-256")
   assert v5p.batch.seq_len == 36_864  # the top of PT's 32-36K window
-  assert (v5p.model.remat_policy, v6e.model.remat_policy) == ("nothing_saveable", "offload_layer_inputs")
+  # offload each layer's input to host only where the row does not fit HBM with 15% headroom (aot_7b.json):
+  # v6e holds PT's 36,864 tokens in HBM, not CT's 46,080; v5e (16 GiB) holds neither
+  assert (v5p.model.remat_policy, v6e.model.remat_policy) == ("nothing_saveable", "nothing_saveable")
+  assert continued.get_config("topology=v6e-256").model.remat_policy == "offload_layer_inputs"
+  assert continued.get_config("topology=v5p-256").model.remat_policy == "nothing_saveable"
+  assert pretrain.get_config("topology=v6e-256,tokens=46080").model.remat_policy == "offload_layer_inputs"
+  assert pretrain.get_config("topology=v5e-256").model.remat_policy == "offload_layer_inputs"
   with pytest.raises(ValueError, match="multiple of the attention kernel's 512-token tile"):
     pretrain.get_config("topology=v6e-256,tokens=33000")

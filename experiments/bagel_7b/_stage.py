@@ -3,13 +3,23 @@ live here; each stage file (align.py, pretrain.py, continued.py, sft.py) spells 
 
 Config args: variant (mot/dense/moe/moe_topk), topology (one packed row per chip), slices (DCN data parallel),
 model=tiny or runlocal (the CPU recipe), steps, attention, remat (a `models.layers.REMAT_POLICIES` name; default
-offload_layer_inputs on 32 GiB chips, nothing_saveable otherwise),
+nothing_saveable, offload_layer_inputs where the row does not fit HBM with 15% headroom: see `needs_offload`),
 tokens (tokens per row; default the top of the stage's packing window)."""
 from bagel_jax.models.config import LAYER_VARIANTS
 from bagel_jax.parallel import topology as topology_lib
 from experiments import common
 
 MODELS = ("7b", "tiny")  # model=tiny (or runlocal): the same recipe at CPU scale
+# Longest row per chip whose 7B step keeps 15% HBM headroom with every activation in HBM, by chip generation
+# (benchmarks/results/aot_7b.json): v6e's 32 GiB holds PT's 36,864 tokens (25.3 GiB, 78.9%) but not CT/SFT's
+# 46,080 (29.6 GiB, 92.6%); v5e's 16 GiB holds neither; v5p's 95 GiB holds 131,072 (75.9 GiB, 79.9%).
+IN_HBM_MAX_TOKENS = {"v5e": 0, "v6e": 36864}
+
+
+def needs_offload(topology: str, tokens: int) -> bool:
+  """Whether the 7B step must keep each layer's input in host memory (remat offload_layer_inputs) to fit."""
+  limit = IN_HBM_MAX_TOKENS.get(topology_lib.generation(topology))
+  return limit is not None and tokens > limit
 
 
 def parse(arg):
@@ -32,10 +42,9 @@ def sized(c, arg, *, tokens: int):
     if c.optim.ema_decay:
       c.optim.ema_decay = 0.99  # an EMA horizon of ~100 steps suits runs of a few hundred steps
     return c
-  # v5e and v6e (16/32 GiB) need the layer inputs in host memory to keep 15% HBM headroom (docs/tpu_aot.md);
-  # v5p's 95 GiB keeps them.
-  offload = topology_lib.generation(arg.topology) in ("v5e", "v6e")
-  remat = arg.remat or ("offload_layer_inputs" if offload else "nothing_saveable")
+  # the host link carries 2 x 6.9 GiB per step and chip when the layer inputs are offloaded: only where needed
+  remat = arg.remat or ("offload_layer_inputs" if needs_offload(arg.topology, arg.tokens or tokens)
+                        else "nothing_saveable")
   c.model.update(dict(preset="bagel_7b", variant=arg.variant, dtype="bfloat16", attention_impl=arg.attention,
                       remat_policy=remat, ce_chunk_size=4096))
   common.seven_b_batch(c, arg.tokens or tokens)

@@ -29,13 +29,16 @@ def _shortfalls(preset, ici):
                                        rules)
 
 
+def _without_vae(rows):
+  """Shortfalls less the frozen VAE's: it is FSDP-sharded on output channels, and its convs narrower than the
+  FSDP group (3-, 32- or 128-channel outputs) stay whole, a few MiB per chip (all of it replicated: ~0.3 GiB)."""
+  vae = [r for r in rows if r[0].startswith("['vae']")]
+  assert sum(r[-1] for r in vae) < 16 * 2**20, vae
+  return [r for r in rows if not r[0].startswith("['vae']")]
+
+
 def test_fsdp_over_256_chips_leaves_the_vit_replicated_and_the_report_says_so():
-  everything = _shortfalls("bagel_7b", dict(fsdp=256))
-  # The frozen VAE is FSDP-sharded on output channels; its 128-channel and 3-channel convs cannot split 256
-  # ways and stay whole: a few MiB per chip (the whole VAE replicated would be ~0.3 GiB).
-  vae = [r for r in everything if r[0].startswith("['vae']")]
-  assert sum(r[-1] for r in vae) < 16 * 2**20
-  rows = [r for r in everything if not r[0].startswith("['vae']")]
+  rows = _without_vae(_shortfalls("bagel_7b", dict(fsdp=256)))
   # SigLIP's 1,152-wide weights (and the connector's input side): ~0.4B fp32 parameters on every chip
   assert rows and all(path.startswith(("['vit']", "['connector']")) for path, *_ in rows)
   assert 1.4 * 2**30 < sum(r[-1] for r in rows) < 2.0 * 2**30
@@ -51,10 +54,7 @@ def test_pod_configs_pick_an_fsdp_group_with_no_shortfall(config_module, arg, da
   c = config_module.get_config(arg)
   assert (c.mesh.ici.data, c.mesh.ici.fsdp) == (data, fsdp)
   sizes = mesh_lib.resolve_axes(dict(c.mesh.ici), data * fsdp, "ici")
-  rows = _shortfalls(c.model.preset, sizes)
-  # only the frozen VAE's convs narrower than the FSDP group (3- and 32-channel outputs) stay whole: < 16 MiB
-  assert [r for r in rows if not r[0].startswith("['vae']")] == []
-  assert sum(r[-1] for r in rows) < 16 * 2**20
+  assert _without_vae(_shortfalls(c.model.preset, sizes)) == []
 
 
 def test_stage_config_tokens_per_row():

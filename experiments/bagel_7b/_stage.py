@@ -42,12 +42,12 @@ def sized(c, arg, *, tokens: int):
     if c.optim.ema_decay:
       c.optim.ema_decay = 0.99  # an EMA horizon of ~100 steps suits runs of a few hundred steps
     return c
+  row = arg.tokens or tokens
   # the host link carries 2 x 6.9 GiB per step and chip when the layer inputs are offloaded: only where needed
-  remat = arg.remat or ("offload_layer_inputs" if needs_offload(arg.topology, arg.tokens or tokens)
-                        else "nothing_saveable")
+  remat = arg.remat or ("offload_layer_inputs" if needs_offload(arg.topology, row) else "nothing_saveable")
   c.model.update(dict(preset="bagel_7b", variant=arg.variant, dtype="bfloat16", attention_impl=arg.attention,
                       remat_policy=remat, ce_chunk_size=4096))
-  common.seven_b_batch(c, arg.tokens or tokens)
+  common.seven_b_batch(c, row)
   common.size_for_topology(c, arg.topology)
   c.batch.batch_size *= arg.slices
   common.fsdp_ici(c)

@@ -67,6 +67,22 @@ def test_config_dict_roundtrip():
     DataConfig.from_config(dict(sources=[dict(name="x", type="synthetic", task="t2i", colour="red")]))
 
 
+def test_synthetic_source_variants_restrict_the_scene_kind():
+  """`SourceConfig.variants` (a config list) narrows a synthetic t2i source to those scene kinds (the demo
+  trains on single objects); a variant elsewhere or an unknown one is refused by name."""
+  c = ml_collections.ConfigDict(dict(sources=[dict(name="t", type="synthetic", task="t2i", variants=["single"])]))
+  dc = DataConfig.from_config(c)
+  assert dc.sources[0].variants == ("single",)
+  src = sources.open_source(dc.sources[0], dc)
+  assert {src[i]["meta"]["variant"] for i in range(40)} == {"single"}
+  everything = sources.open_source(SourceConfig("t", "synthetic", task="t2i"), dc)
+  assert len({everything[i]["meta"]["variant"] for i in range(40)}) > 1
+  with pytest.raises(ValueError, match=r"SourceConfig\(t\)\.variants.*subset"):
+    SourceConfig("t", "synthetic", task="t2i", variants=("single", "triangle"))
+  with pytest.raises(ValueError, match=r"SourceConfig\(v\)\.variants.*applies only"):
+    SourceConfig("v", "synthetic", task="vqa", variants=("single",))
+
+
 def test_trainer_hooks_on_the_tiny_stage_config():
   """experiments/bagel_7b (model=tiny) selects source 'synthetic': the trainer resolves the config into typed
   objects once and `make_input` builds the pipeline, scanning the sources first (pixel-mode batch)."""

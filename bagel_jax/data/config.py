@@ -19,13 +19,15 @@ SYNTHETIC_CATEGORY = {"text": "text", "t2i": "t2i", "words": "t2i", "think_t2i":
                       "vqa": "i2t", "think_vqa": "interleaved_und", "video": "video", "next_frame": "video",
                       "edit": "web"}
 GEN_CATEGORIES = ("t2i", "video", "web")
+T2I_VARIANT_TASKS = ("t2i", "caption", "think_t2i")  # the synthetic tasks that draw a T2I scene kind
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
   """One data source. `path`: manifest file (jsonl/parquet), tar shards (comma-separated or a glob) or the TFDS
   dataset name (e.g. 'bagel_synthetic/small'). `group`: 'gen' or 'und' (for `gen_und`); synthetic sources infer
-  it from the task."""
+  it from the task. `variants`: for a synthetic t2i/caption/think_t2i source, the scene kinds it draws
+  (a subset of `synthetic.T2I_VARIANTS`; empty = all)."""
   name: str
   type: str
   weight: float = 1.0
@@ -35,6 +37,7 @@ class SourceConfig:
   task: str = ""
   num_records: int = 1_000_000
   group: str = ""
+  variants: Tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.type not in SOURCE_TYPES:
@@ -47,6 +50,12 @@ class SourceConfig:
       raise ValueError(f"SourceConfig({self.name}) of type {self.type!r} needs a path")
     if self.group not in ("", "gen", "und"):
       raise ValueError(f"SourceConfig({self.name}).group={self.group!r} must be 'gen', 'und' or ''")
+    if self.variants:
+      object.__setattr__(self, "variants", tuple(self.variants))  # a config list -> the frozen field's tuple
+      if self.type != "synthetic" or self.task not in T2I_VARIANT_TASKS:
+        raise ValueError(f"SourceConfig({self.name}).variants={list(self.variants)} applies only to synthetic "
+                         f"tasks {T2I_VARIANT_TASKS}, not type={self.type!r} task={self.task!r}")
+      synthetic.check_t2i_variants(self.variants, f"SourceConfig({self.name}).variants")
 
   @property
   def resolved_group(self) -> str:

@@ -275,7 +275,8 @@ class SafeSource:
 def open_source(s: SourceConfig, dc: DataConfig):
   """The raw source of one `SourceConfig`."""
   if s.type == "synthetic":
-    return synthetic.SyntheticSource(s.task, s.split, s.num_records, dc.image_size, dc.seed, dc.num_frames)
+    return synthetic.SyntheticSource(s.task, s.split, s.num_records, dc.image_size, dc.seed, dc.num_frames,
+                                     s.variants or synthetic.T2I_VARIANTS)
   if s.type == "tfds":
     return TfdsSource(s.path, s.split, s.data_dir)
   if s.type == "jsonl":

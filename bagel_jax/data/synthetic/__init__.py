@@ -19,6 +19,6 @@ from bagel_jax.data.synthetic.scenes import (BACKGROUND, COLORS, DIRECTIONS, GAP
                                              sample_relation_scene, sample_scene, sample_size)
 from bagel_jax.data.synthetic.sources import SyntheticSource, tfds_builder, tfds_builder_class
 from bagel_jax.data.synthetic.tasks import (EDIT_OPS, EVAL_ONLY_TASKS, GEN_TASKS, REASON_EDIT_OPS, SPLITS,
-                                            T2I_VARIANTS, TASKS, UND_TASKS, VQA_TYPES, edit_triple, json_meta,
-                                            make_example, motion, reason_edit_triple, record_rng, t2i_scene,
-                                            vqa_pair, word_scene)
+                                            T2I_VARIANTS, TASKS, UND_TASKS, VQA_TYPES, check_t2i_variants,
+                                            edit_triple, json_meta, make_example, motion, reason_edit_triple,
+                                            record_rng, t2i_scene, vqa_pair, word_scene)

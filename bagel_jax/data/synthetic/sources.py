@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 
 from bagel_jax.data.synthetic.scenes import encode_png
-from bagel_jax.data.synthetic.tasks import TASKS, make_example, record_rng
+from bagel_jax.data.synthetic.tasks import T2I_VARIANTS, TASKS, check_t2i_variants, make_example, record_rng
 
 class SyntheticSource:
   """Grain `RandomAccessDataSource` of one synthetic task: record i is a pure function of
   (seed, split, task, i), generated on access (nothing stored)."""
 
   def __init__(self, task: str, split: str = "train", num_records: int = 1_000_000, image_size: int = 32,
-               seed: int = 0, num_frames: int = 4):
+               seed: int = 0, num_frames: int = 4, t2i_variants: Sequence[str] = T2I_VARIANTS):
     if task not in TASKS:
       raise ValueError(f"SyntheticSource: unknown task {task!r}; choose one of {TASKS}")
+    self.t2i_variants = check_t2i_variants(t2i_variants, f"SyntheticSource({task})")
     record_rng(seed, split, task, 0)  # validates the split
     self.task, self.split, self.num_records = task, split, int(num_records)
     self.image_size, self.seed, self.num_frames = int(image_size), int(seed), int(num_frames)
@@ -32,7 +33,7 @@ class SyntheticSource:
     if not 0 <= index < self.num_records:
       raise IndexError(f"SyntheticSource({self.task}): index {index} outside [0, {self.num_records})")
     return make_example(self.task, record_rng(self.seed, self.split, self.task, index), self.image_size,
-                        self.num_frames)
+                        self.num_frames, self.t2i_variants)
 
   def __repr__(self) -> str:
     return (f"SyntheticSource(task={self.task!r}, split={self.split!r}, n={self.num_records}, "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -186,10 +186,22 @@ def word_scene(rng: np.random.Generator, word: Optional[str] = None) -> Scene:
   return Scene(words=(Word(word, "black", (0.5, 0.5), 0.38),), background=WORD_BACKGROUND)
 
 
-def make_example(task: str, rng: np.random.Generator, image_size: int = 32, num_frames: int = 4) -> Dict[str, Any]:
-  """One record of `task`: {"kind", "texts", "images" (uint8 arrays), "meta" (JSON ground truth)}."""
+def check_t2i_variants(variants: Sequence[str], where: str) -> Tuple[str, ...]:
+  """`variants` as a tuple, each one of `T2I_VARIANTS` (ValueError naming `where` otherwise)."""
+  variants = tuple(variants)
+  bad = [v for v in variants if v not in T2I_VARIANTS]
+  if bad or not variants:
+    raise ValueError(f"{where}: t2i variants {list(variants)} must be a non-empty subset of {T2I_VARIANTS}")
+  return variants
+
+
+def make_example(task: str, rng: np.random.Generator, image_size: int = 32, num_frames: int = 4,
+                 t2i_variants: Sequence[str] = T2I_VARIANTS) -> Dict[str, Any]:
+  """One record of `task`: {"kind", "texts", "images" (uint8 arrays), "meta" (JSON ground truth)}.
+  `t2i_variants`: the scene kinds the t2i/caption/think_t2i tasks draw from (the demo trains on single
+  objects only)."""
   if task in ("t2i", "caption", "think_t2i"):
-    variant = T2I_VARIANTS[int(rng.integers(len(T2I_VARIANTS)))]
+    variant = t2i_variants[int(rng.integers(len(t2i_variants)))]
     scene = t2i_scene(rng, variant)
     cap = caption(scene, variant)
     meta = dict(task=task, variant=variant, caption=cap, scenes=[scene.to_dict()])

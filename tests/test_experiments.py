@@ -8,6 +8,7 @@ import pytest
 from experiments import report, run
 from experiments.ablation import dense, moe, moe_topk, mot
 from experiments.data_ratio import gen_und
+from experiments.demo import search as demo_search
 from experiments.lr_sweep import lr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +37,22 @@ def test_sweep_configs_and_bad_args():
     mot.get_config("size=7b")
   with pytest.raises(ValueError, match="unknown key 'colour'"):
     mot.get_config("colour=red")
+
+
+def test_demo_search_config_builds_the_run_it_names():
+  from bagel_jax.data.config import DataConfig  # pylint: disable=import-outside-toplevel
+  from bagel_jax.train import config as train_config  # pylint: disable=import-outside-toplevel
+  c = demo_search.get_config("hidden=128,layers=4,inter=512,single=True,bs=2,steps=4000")
+  srcs = DataConfig.from_config(c.data).sources
+  assert {s.task: s.variants for s in srcs} == {"t2i": ("single",), "vqa": ()}
+  m = train_config.model_config(c)
+  assert (m.llm.hidden_size, m.llm.num_layers, m.llm.intermediate_size) == (128, 4, 512)
+  assert c.data.gen_und == 0.0 and DataConfig.from_config(c.data).weights() == {"t2i": 1.0, "vqa": 1.0}
+  assert c.batch.batch_size == 2 and c.train.steps == 4000 and c.optim.total_steps == 4000
+  with pytest.raises(ValueError, match="all 0"):
+    demo_search.get_config("t2i=0,vqa=0")
+  with pytest.raises(ValueError, match="layers"):
+    demo_search.get_config("layers=0")
 
 
 def test_plan_labels_and_tpu_commands():

@@ -6,14 +6,13 @@ own arena cannot grow past 64 MiB, and that fallback mmaps whatever M_MMAP_MAX s
 every step faulted in, zeroed and memcg-charged all of it again: 275k page faults per official-small step,
 ~10% of its CPU time in the kernel, ~20% for the tiny demo step. With one arena, no mmapped chunks and no
 trimming, the block is reused from the heap: zero faults per step (benchmarks/host_malloc.py measures it).
-The cost is that the process keeps its peak heap mapped (at most the step's own working set) and that all
-threads share one malloc lock (XLA's hot loops do not allocate).
+The cost: the process keeps its peak heap mapped, and all threads share one malloc lock.
 
 Measured (benchmarks/results/host_malloc.json): the faults and the kernel time go, the wall time does not
 (official-small 0.99x) and the tiny demo step gets slower (0.69x: its data threads and XLA's then contend for
-one malloc lock). So it is opt-in, not applied by default: `BAGEL_HOST_MALLOC=tuned` before start-up, for a
-process whose profile shows the fault churn; call `tune_host_malloc()` before JAX starts its threads. On a libc without
-`mallopt` (musl, macOS) it does nothing.
+the one malloc lock). So it is opt-in: `bagel-train` applies it when `BAGEL_HOST_MALLOC=tuned`; other
+programs call `tune_host_malloc()` before JAX starts its threads. On a libc without `mallopt` (musl, macOS)
+it does nothing.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ SETTINGS = ("glibc default", "tuned")
 
 
 def official_small_step():
-  """(step fn, args) of the official-small forward + loss + backward."""
+  """(step fn, tokens per step) of the official-small forward + loss + backward."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from benchmarks import train_step  # pylint: disable=import-outside-toplevel

@@ -1,7 +1,6 @@
-"""The opt-in glibc malloc tuning (bagel_jax/host_malloc.py): step-sized buffers allocated by a worker
-thread come from the heap, not from fresh mmaps (each one faulted in again every step), and without the opt-in
-glibc's defaults stay. Each case runs in a fresh interpreter (malloc
-settings are process-wide)."""
+"""The opt-in glibc malloc tuning (bagel_jax/host_malloc.py): step-sized buffers allocated by a worker thread
+come from the heap, not from fresh mmaps (each one faulted in again every step); without the opt-in glibc's
+defaults stay. Each case runs in a fresh interpreter (malloc settings are process-wide)."""
 import os
 import platform
 import subprocess
@@ -39,9 +38,11 @@ print(applied, sum(mapped))
 
 
 def _probe(env_value=None):
-  env = {} if env_value is None else {host_malloc.ENV: env_value}
+  env = {k: v for k, v in os.environ.items() if k != host_malloc.ENV}  # the caller's own setting aside
+  if env_value is not None:
+    env[host_malloc.ENV] = env_value
   out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
-                       env=dict(os.environ, **env)).stdout.split()
+                       env=env).stdout.split()
   return out[0] == "True", int(out[1])
 
 

@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 from bagel_jax import console
 from bagel_jax.accelerators import use_cpu_if_no_accelerator
+from bagel_jax.host_malloc import tune_host_malloc
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, curves).")
@@ -202,6 +203,7 @@ def _main(argv):
 
 def main(argv=None):
   use_cpu_if_no_accelerator()  # before JAX picks a backend: no libtpu noise on CPU-only machines
+  tune_host_malloc()  # only with BAGEL_HOST_MALLOC=tuned (opt-in: bagel_jax/host_malloc.py)
   argv = list(argv or sys.argv)
   if any(a in HELP_FLAGS for a in argv[1:]):
     try:
